@@ -1,0 +1,134 @@
+"""The ``fedbits`` command line: run, report, compare, data, model, methods.
+
+User errors (a :class:`~fedbits.errors.FedbitsError`) are printed as one clear
+message and exit with status 2; a traceback means a bug in fedbits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fedbits import __version__
+from fedbits.errors import FedbitsError
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from fedbits.config import load_config
+    from fedbits.runtime import run_experiment
+
+    cfg = load_config(args.config, args.set)
+    run_experiment(cfg, resume=args.resume, overwrite=args.overwrite)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from fedbits.report import write_report
+
+    print(write_report(Path(args.run)))
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from fedbits.report import compare_runs
+
+    table, png = compare_runs([Path(r) for r in args.runs], Path(args.out))
+    print(table)
+    print(f"plot: {png}")
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from fedbits.config import load_config
+    from fedbits.data.examples import load_examples
+    from fedbits.data.partition import describe_partitions, partition, split_eval
+
+    cfg = load_config(args.config, args.set)
+    examples = load_examples(
+        cfg.data.source, seed=cfg.run.seed, builtin_per_task=cfg.data.builtin_per_task,
+        max_examples=cfg.data.max_examples,
+    )
+    train, held_out = split_eval(examples, cfg.data, cfg.run.seed)
+    parts = partition(train, cfg.data, cfg.run.seed)
+    print(f"{cfg.data.source}: {len(examples)} examples, {len(train)} train, {len(held_out)} held out")
+    for row in describe_partitions(parts):
+        print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def _cmd_model(args: argparse.Namespace) -> None:
+    from fedbits.config import ModelSection
+    from fedbits.models import load_model
+
+    model, tokenizer = load_model(ModelSection(name=args.name, dtype=args.dtype))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{args.name}: {type(model).__name__}, {n:,} parameters, vocab {len(tokenizer)}, "
+          f"chat template: {'yes' if tokenizer.chat_template else 'no'}")
+
+
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from fedbits.methods import available_methods, get_method
+
+    for name in available_methods():
+        spec = get_method(name)
+        print(f"{name:12s} {spec.summary}")
+        if args.verbose:
+            for key, field in spec.options.model_fields.items():
+                print(f"    {key} = {field.default!r}  {field.description or ''}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedbits", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"fedbits {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", help="TOML run configuration (see examples/)")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable)")
+
+    run = sub.add_parser("run", help="run a federated fine-tuning experiment")
+    with_config(run)
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="write report.md and plots for a run directory")
+    rep.add_argument("run")
+    rep.set_defaults(func=_cmd_report)
+
+    cmp_ = sub.add_parser("compare", help="compare runs: table + quality-vs-bytes plot")
+    cmp_.add_argument("runs", nargs="+")
+    cmp_.add_argument("--out", default="compare.png")
+    cmp_.set_defaults(func=_cmd_compare)
+
+    data = sub.add_parser("data", help="load a config's data and show its partitions")
+    with_config(data)
+    data.set_defaults(func=_cmd_data)
+
+    model = sub.add_parser("model", help="load a model (caches the built-in one) and describe it")
+    model.add_argument("name")
+    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    model.set_defaults(func=_cmd_model)
+
+    methods = sub.add_parser("methods", help="list the registered methods")
+    methods.add_argument("-v", "--verbose", action="store_true", help="show each method's options")
+    methods.set_defaults(func=_cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FedbitsError as e:
+        print(f"fedbits: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedbits: interrupted (completed rounds are checkpointed; use --resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

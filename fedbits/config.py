@@ -1,0 +1,261 @@
+"""The run configuration: one TOML file plus ``--set section.key=value`` overrides.
+
+Everything is validated before any work starts. An unknown key, a wrong type or an
+unknown method gets one :class:`~fedbits.errors.ConfigError` that names the key
+(``clients.lr``) and, where there is a fixed set, the allowed values. Method options
+live in ``[method]`` next to ``name`` and are validated by the method's own options
+model, so adding a method never edits this file.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedbits.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = "quickstart"
+    seed: int = 0
+    rounds: int = Field(5, ge=0)
+    out_dir: str = "runs"
+
+
+class ModelSection(_Section):
+    name: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+
+
+class DataSection(_Section):
+    source: str = "builtin:tasks"
+    partition: Literal["iid", "dirichlet", "natural"] = "iid"
+    partition_by: str = "task"
+    alpha: float = Field(0.5, gt=0)
+    num_clients: int = Field(10, ge=1)
+    eval_split: Literal["fraction", "unseen"] = "fraction"
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_values: list[str] = Field(
+        default_factory=list,
+        description="for eval_split='unseen': the partition_by values held out "
+        "(empty: a random eval_fraction of the distinct values)",
+    )
+    eval_source: str | None = Field(
+        None, description="a separate source used whole as the evaluation set"
+    )
+    builtin_per_task: int = Field(200, ge=1, description="examples per builtin task family")
+    max_examples: int | None = Field(None, ge=1, description="cap on loaded examples")
+
+
+class ClientsSection(_Section):
+    per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def _one_of_per_round_fraction(self) -> "ClientsSection":
+        if self.per_round is not None and self.fraction is not None:
+            raise ValueError("set either clients.per_round or clients.fraction, not both")
+        return self
+
+
+class MethodSection(BaseModel):
+    """``name`` plus the method's own options (validated by the method's registry entry)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "fedit"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvalSection(_Section):
+    every: int = Field(1, ge=1)
+    metrics: list[Literal["loss", "rougeL", "exact_match"]] = Field(
+        default_factory=lambda: ["loss", "exact_match"]
+    )
+    max_new_tokens: int = Field(32, ge=1)
+    max_examples: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class RuntimeSection(_Section):
+    kind: Literal["simulation"] = "simulation"
+    max_payload_mb: float = Field(4096.0, gt=0, description="reject payloads larger than this")
+    client_replay: bool = Field(
+        False, description="simulate the client rebuilding its model from its own store"
+    )
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    clients: ClientsSection = Field(default_factory=ClientsSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+    def clients_per_round(self) -> int:
+        n = self.data.num_clients
+        if self.clients.per_round is not None:
+            return min(self.clients.per_round, n)
+        if self.clients.fraction is not None:
+            return max(1, round(self.clients.fraction * n))
+        return n
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.model_dump(mode="json", exclude_none=True))
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            section_model = _section_model(e["loc"])
+            if section_model is not None:
+                msg += f" (allowed: {', '.join(sorted(section_model.model_fields))})"
+        elif e["type"] == "literal_error" and "expected" in (e.get("ctx") or {}):
+            msg = f"must be one of {e['ctx']['expected']}, got {e['input']!r}"
+        lines.append(f"{origin}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return None
+        if not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``clients.lr=1e-3`` -> (['clients', 'lr'], 0.001). Values are TOML/Python literals,
+    anything else is taken as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. clients.lr")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+    return path, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (or the defaults when None), apply overrides, validate everything,
+    including the method's own options and the model name."""
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, origin)) from None
+    validate_references(cfg, origin)
+    return cfg
+
+
+def validate_references(cfg: Config, origin: str = "config") -> None:
+    """Check the names that refer to registries: the method (and its options) and the model."""
+    from fedbits.methods import get_method
+    from fedbits.models import check_model_name
+
+    try:
+        spec = get_method(cfg.method.name)
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: method.name: {e}") from None
+    try:
+        spec.options.model_validate(cfg.method.options())
+    except ValidationError as e:
+        raise ConfigError(_describe_method(e, origin, spec.options)) from None
+    try:
+        check_model_name(cfg.model.name)
+    except Exception as e:  # ModelError from models
+        raise ConfigError(f"{origin}: model.name: {e}") from None
+
+
+def _describe_method(err: ValidationError, origin: str, options: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        key = "method." + ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(["name", *sorted(options.model_fields)])
+            msg = f"unknown key (allowed: {allowed})"
+        lines.append(f"{origin}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Write a two-level dict (sections of scalars and lists) as TOML."""
+    out: list[str] = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        for key, value in values.items():
+            out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

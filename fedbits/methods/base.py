@@ -1,0 +1,102 @@
+"""The method interface: a server half and a client half that meet only at bytes.
+
+A method is registered as a :class:`MethodSpec`: its name, its options model (the
+``[method]`` keys besides ``name``) and two factories. The runtime moves the bytes,
+records them in the ledger, and never looks inside them; the same two halves run in
+the in-process simulator and on real nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from fedbits.config import Config
+
+
+class MethodOptions(BaseModel):
+    """Base for a method's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class MethodContext:
+    """What both halves of a method get from the runtime."""
+
+    cfg: Config
+    options: Any  # the method's validated MethodOptions subclass
+    tokenizer: Any
+    build_model: Callable[[], nn.Module]  # a fresh copy of the pretrained base model
+    max_payload_bytes: int
+
+
+@dataclass
+class ClientData:
+    """A client's local training data for one round, already tokenized."""
+
+    items: list  # list[fedbits.data.format.Tokenized]
+    pad_id: int
+    seed: int  # derived from (run seed, round, client): fixes data order and dropout
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class ClientUpdate:
+    """A decoded, validated uplink. Methods subclass it to carry their payload."""
+
+    client: int
+    num_samples: int
+    train_loss: float
+
+
+class ClientStore(Protocol):
+    """Per-client state kept between rounds (memory in simulation, disk on a node)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...
+
+
+class ServerSide(Protocol):
+    def downlink(self, round_: int, client: int) -> bytes: ...
+
+    def decode_uplink(self, round_: int, client: int, payload: bytes) -> ClientUpdate:
+        """Decode and validate; raise WireError/ClientError to reject this client."""
+        ...
+
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None: ...
+
+    def global_model(self) -> nn.Module:
+        """The current global model, for evaluation and export (materialize)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save_final(self, path: Path) -> None: ...
+
+
+class ClientSide(Protocol):
+    def update(
+        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+    ) -> bytes:
+        """Decode the downlink, train locally, return the encoded uplink."""
+        ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    options: type[MethodOptions]
+    server: Callable[[MethodContext], ServerSide]
+    client: Callable[[MethodContext], ClientSide]
+    summary: str = ""

@@ -1,0 +1,51 @@
+"""FedIT (Shepherd): federated LoRA through peft; A and B travel both ways, dense.
+
+The base model stays frozen and identical on every node; only the adapter moves.
+Final output is a PEFT adapter loadable with ``PeftModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from peft import LoraConfig, get_peft_model
+from pydantic import Field
+from torch import nn
+
+from fedbits.methods import MethodSpec, register
+from fedbits.methods._dense import DenseClient, DenseOptions, DenseServer
+
+
+class FedITOptions(DenseOptions):
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt; None = peft's default for the architecture"
+    )
+    lora_seed: int = Field(0, description="initialises LoRA A (B starts at zero)")
+
+
+def add_lora(model: nn.Module, opts: FedITOptions) -> nn.Module:
+    config = LoraConfig(
+        r=opts.lora_r,
+        lora_alpha=opts.lora_alpha,
+        lora_dropout=opts.lora_dropout,
+        target_modules=opts.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(opts.lora_seed)
+        return get_peft_model(model, config)
+
+
+register(
+    MethodSpec(
+        name="fedit",
+        options=FedITOptions,
+        server=lambda ctx: DenseServer(ctx, partial(add_lora, opts=ctx.options)),
+        client=lambda ctx: DenseClient(ctx, partial(add_lora, opts=ctx.options)),
+        summary="federated LoRA (FedIT): adapters both ways, sample-weighted mean",
+    )
+)

@@ -1,0 +1,157 @@
+"""``report.md`` for one run: what ran, what each round cost in bytes, what it bought.
+
+The report puts the byte figures and the quality figures side by side, round by round,
+because the point of fedbits is the trade between them; the two PNGs it links show the
+same trade at a glance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedbits.report.fmt import (
+    MISSING,
+    format_bytes,
+    format_exact_bytes,
+    format_optional_bytes,
+    format_value,
+)
+from fedbits.report.plots import plot_metric_vs_bytes, plot_metric_vs_round
+from fedbits.report.run import Run, config_value, load_run
+
+ROUND_PLOT = "metric_vs_round.png"
+BYTES_PLOT = "metric_vs_bytes.png"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and its two PNG plots into ``run_dir``; return the report path."""
+    run = load_run(run_dir)
+    plot_metric_vs_round(run, run.run_dir / ROUND_PLOT)
+    plot_metric_vs_bytes(run, run.run_dir / BYTES_PLOT)
+    sections = [
+        _summary(run),
+        _rounds_table(run),
+        _client_bytes_table(run),
+        _metric_change(run),
+        _totals(run),
+        _plots(),
+    ]
+    path = run.run_dir / "report.md"
+    path.write_text("\n".join(line for section in sections for line in [*section, ""]))
+    return path
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table, numbers right-aligned past the first column."""
+    align = [":---"] + ["---:"] * (len(header) - 1)
+    return [_md_row(header), _md_row(align), *(_md_row(row) for row in rows)]
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _summary(run: Run) -> list[str]:
+    num_clients = config_value(run.config, "data", "num_clients")
+    of_clients = f" of {num_clients}" if num_clients is not None else ""
+    return [
+        f"# fedbits run: {run.name}",
+        "",
+        f"- **Method:** {run.method}",
+        f"- **Model:** {run.model}",
+        f"- **Data source:** {config_value(run.config, 'data', 'source') or MISSING}",
+        f"- **Rounds:** {run.last_round}",
+        f"- **Clients per round:** {_clients_per_round(run)}{of_clients}",
+    ]
+
+
+def _clients_per_round(run: Run) -> str:
+    """The observed count over training rounds ("3", or "2-3 (mean 2.7)" when it varied)."""
+    counts = [len(row.get("clients", [])) for row in run.rows if row["round"] > 0]
+    if not counts:
+        return MISSING
+    if min(counts) == max(counts):
+        return str(counts[0])
+    return f"{min(counts)}-{max(counts)} (mean {sum(counts) / len(counts):.1f})"
+
+
+def _rounds_table(run: Run) -> list[str]:
+    metrics = run.metrics()
+    header = ["round", "clients", "rejected", "bytes up", "bytes down", "cumulative",
+              "train loss", *metrics, "seconds", "peak RSS MB"]
+    return ["## Per round", "", *_md_table(header, [_round_cells(row, metrics) for row in run.rows])]
+
+
+def _round_cells(row: dict[str, Any], metrics: Sequence[str]) -> list[str]:
+    return [
+        str(row["round"]),
+        str(len(row.get("clients", []))),
+        str(len(row.get("rejected", {}))),
+        format_bytes(row.get("bytes_up", 0)),
+        format_bytes(row.get("bytes_down", 0)),
+        format_bytes(row.get("cum_bytes", 0)),
+        format_value(row.get("train_loss")),
+        *(format_value(row.get(m)) for m in metrics),
+        format_value(row.get("seconds"), digits=1),
+        format_value(row.get("peak_rss_mb"), digits=0),
+    ]
+
+
+def _client_bytes_table(run: Run) -> list[str]:
+    """Mean bytes per client that sent/received a message, per round, from the ledger."""
+    up, down = run.bytes_by_client("up"), run.bytes_by_client("down")
+    rows = [
+        [str(r), str(len(up.get(r, {}))), _mean_bytes(up.get(r)), str(len(down.get(r, {}))), _mean_bytes(down.get(r))]
+        for r in sorted(up.keys() | down.keys())
+    ]
+    title = ["## Bytes per participating client", ""]
+    if not rows:
+        return [*title, "No ledger.jsonl messages recorded."]
+    header = ["round", "clients up", "mean up", "clients down", "mean down"]
+    return [*title, *_md_table(header, rows)]
+
+
+def _mean_bytes(per_client: dict[int, int] | None) -> str:
+    return format_bytes(sum(per_client.values()) / len(per_client)) if per_client else MISSING
+
+
+def _metric_change(run: Run) -> list[str]:
+    rows = []
+    for metric in run.metrics():
+        series = run.series(metric)
+        (r0, _, first), (r1, _, last) = series[0], series[-1]
+        rows.append([metric, f"{format_value(first)} (round {r0})", f"{format_value(last)} (round {r1})",
+                     f"{last - first:+.4f}"])
+    title = ["## Eval metrics: first vs last", ""]
+    if not rows:
+        return [*title, "No eval metrics recorded."]
+    return [*title, *_md_table(["metric", "first", "last", "change"], rows)]
+
+
+def _totals(run: Run) -> list[str]:
+    up, down = run.total_bytes("up"), run.total_bytes("down")
+    seconds = sum(float(row.get("seconds", 0.0)) for row in run.rows)
+    peak = max((float(row["peak_rss_mb"]) for row in run.rows if "peak_rss_mb" in row), default=None)
+    return [
+        "## Totals",
+        "",
+        f"- **Bytes up:** {format_exact_bytes(up)}",
+        f"- **Bytes down:** {format_exact_bytes(down)}",
+        f"- **Bytes up + down:** {format_exact_bytes(up + down)}",
+        f"- **Mean per client per round:** up {format_optional_bytes(run.mean_client_bytes('up'))}, "
+        f"down {format_optional_bytes(run.mean_client_bytes('down'))}",
+        f"- **Wall time:** {seconds:.1f} s",
+        f"- **Peak RSS:** {format_value(peak, digits=0)} MB",
+    ]
+
+
+def _plots() -> list[str]:
+    return [
+        "## Plots",
+        "",
+        f"![eval metrics by round]({ROUND_PLOT})",
+        "",
+        f"![eval metrics by cumulative bytes]({BYTES_PLOT})",
+    ]

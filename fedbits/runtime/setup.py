@@ -1,0 +1,86 @@
+"""Everything a run needs before round 1: model, tokenizer, data, partitions.
+
+Shared by every runtime, so the simulator and a real node see the same partitions
+and the same base weights for the same config and seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from fedbits.config import Config
+from fedbits.data.examples import Example, load_examples
+from fedbits.data.format import Tokenized, tokenize_all
+from fedbits.data.partition import partition, split_eval
+from fedbits.methods import MethodContext, get_method
+from fedbits.models import load_model
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from several parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class RunSetup:
+    cfg: Config
+    tokenizer: Any
+    base_model: nn.Module
+    clients: list[list[Example]]
+    eval_examples: list[Example]
+    eval_items: list[Tokenized]
+    eval_truncated: int
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def build_model(self) -> nn.Module:
+        return copy.deepcopy(self.base_model)
+
+    def method_context(self) -> MethodContext:
+        spec = get_method(self.cfg.method.name)
+        return MethodContext(
+            cfg=self.cfg,
+            options=spec.options.model_validate(self.cfg.method.options()),
+            tokenizer=self.tokenizer,
+            build_model=self.build_model,
+            max_payload_bytes=int(self.cfg.runtime.max_payload_mb * 1_000_000),
+        )
+
+    def eligible_clients(self) -> list[int]:
+        """Clients with at least one example; empty partitions are never sampled."""
+        return [i for i, part in enumerate(self.clients) if part]
+
+    def tokenize(self, examples: list[Example]) -> tuple[list[Tokenized], int]:
+        return tokenize_all(self.tokenizer, examples, self.cfg.clients.max_length)
+
+
+def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunSetup:
+    model, tokenizer = load_model(cfg.model, seed=cfg.run.seed)
+    model.eval()
+    examples = load_examples(
+        cfg.data.source,
+        seed=cfg.run.seed,
+        builtin_per_task=cfg.data.builtin_per_task,
+        max_examples=cfg.data.max_examples,
+    )
+    train, held_out = split_eval(examples, cfg.data, cfg.run.seed)
+    clients = partition(train, cfg.data, cfg.run.seed)
+    eval_examples = held_out[: cfg.eval.max_examples]
+    eval_items, truncated = tokenize_all(tokenizer, eval_examples, cfg.clients.max_length)
+    n_params = sum(p.numel() for p in model.parameters())
+    sizes = [len(c) for c in clients]
+    log(
+        f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters | data {cfg.data.source}: "
+        f"{len(train)} train / {len(held_out)} held out ({len(eval_examples)} evaluated) | "
+        f"{cfg.data.num_clients} clients ({cfg.data.partition}), sizes {min(sizes)}..{max(sizes)}, "
+        f"{sizes.count(0)} empty"
+    )
+    return RunSetup(cfg, tokenizer, model, clients, eval_examples, eval_items, truncated)

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny configs in temporary run directories, shared data location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny.toml"
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("FEDBITS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> list[str]:
+    """Overrides that put a tiny run's outputs under tmp_path."""
+    return [f"run.out_dir={tmp_path / 'runs'}"]

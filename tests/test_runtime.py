@@ -1,0 +1,151 @@
+"""The simulator end to end: outputs, determinism, rejection, crash + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedbits.config import load_config
+from fedbits.methods import MethodSpec, register
+from fedbits.methods._dense import DenseClient, DenseServer
+from fedbits.methods.fedavg import FedAvgOptions, _prepare
+from fedbits.runtime import run_experiment
+
+from conftest import REPO, TINY
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted((run_dir / "final").glob("*.safetensors"))
+    assert files, f"no safetensors in {run_dir / 'final'}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_tiny_run_writes_everything(tiny_overrides):
+    run_dir = run_experiment(load_config(TINY, tiny_overrides), log=_quiet)
+    for name in ("config.toml", "metrics.jsonl", "ledger.jsonl", "report.md",
+                 "checkpoints/latest.pt", "final/adapter_config.json"):
+        assert (run_dir / name).exists(), name
+    rows = _rows(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for key in ("round", "clients", "bytes_up", "bytes_down", "train_loss", "seconds",
+                "peak_rss_mb", "eval_loss", "exact_match"):
+        assert key in rows[-1], key
+    assert rows[0]["bytes_up"] == 0 and rows[-1]["bytes_up"] > 0
+    assert rows[-1]["cum_bytes"] == sum(r["bytes_up"] + r["bytes_down"] for r in rows)
+
+
+def test_same_seed_same_weights_other_seed_differs(tmp_path):
+    a = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=a"]), log=_quiet)
+    b = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=b"]), log=_quiet)
+    c = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=c", "run.seed=1"]),
+                       log=_quiet)
+    wa, wb, wc = _final_weights(a), _final_weights(b), _final_weights(c)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+class _CorruptingClient(DenseClient):
+    """Flips one byte of client 0's uplink: the server must reject just that client."""
+
+    def update(self, round_, client, downlink, data, store):
+        payload = super().update(round_, client, downlink, data, store)
+        if client == 0:
+            payload = payload[:20] + bytes([payload[20] ^ 0xFF]) + payload[21:]
+        return payload
+
+
+register(MethodSpec("test-corrupt", FedAvgOptions, lambda ctx: DenseServer(ctx, _prepare),
+                    lambda ctx: _CorruptingClient(ctx, _prepare)))
+
+
+def test_bad_client_is_rejected_and_round_continues(tiny_overrides):
+    cfg = load_config(TINY, tiny_overrides + ["method.name=test-corrupt", "data.num_clients=3",
+                                              "data.partition=iid", "clients.per_round=3",
+                                              "run.rounds=2"])
+    run_dir = run_experiment(cfg, log=_quiet)
+    rows = _rows(run_dir / "metrics.jsonl")
+    for row in rows[1:]:
+        assert row["clients"] == [0, 1, 2]
+        assert list(row["rejected"]) == ["0"]
+        assert "checksum" in row["rejected"]["0"]
+        assert row["train_loss"] is not None
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedbits.cli", *args]
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    common = [f"run.out_dir={tmp_path}", "run.rounds=12", "eval.every=100",
+              "eval.metrics=['loss']"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sets = lambda extra: [a for kv in common + extra for a in ("--set", kv)]  # noqa: E731
+
+    ref = subprocess.run(_cli("run", str(TINY), *sets(["run.name=ref"])), env=env,
+                         capture_output=True, text=True, cwd=REPO)
+    assert ref.returncode == 0, ref.stderr
+
+    victim_dir = tmp_path / "victim"
+    proc = subprocess.Popen(_cli("run", str(TINY), *sets(["run.name=victim"])), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 300
+    metrics = victim_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(_rows(metrics))
+    assert 5 <= done < 13, "the run must be killed mid-way"
+    assert not (victim_dir / "final").exists()
+
+    resumed = subprocess.run(_cli("run", str(TINY), *sets(["run.name=victim"]), "--resume"),
+                             env=env, capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after round" in resumed.stdout
+    want, got = _final_weights(tmp_path / "ref"), _final_weights(victim_dir)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    rows = _rows(metrics)
+    assert [r["round"] for r in rows] == list(range(13))
+    ref_ledger = (tmp_path / "ref" / "ledger.jsonl").read_text()
+    assert (victim_dir / "ledger.jsonl").read_text() == ref_ledger
+
+
+def test_resume_refuses_a_changed_config(tiny_overrides):
+    cfg = load_config(TINY, tiny_overrides + ["run.rounds=1"])
+    run_experiment(cfg, log=_quiet)
+    from fedbits.errors import ConfigError, FedbitsError
+    with pytest.raises(ConfigError, match="clients.lr"):
+        run_experiment(load_config(TINY, tiny_overrides + ["clients.lr=0.1"]), resume=True,
+                       log=_quiet)
+    with pytest.raises(FedbitsError, match="already exists"):
+        run_experiment(cfg, log=_quiet)
+    # more rounds may be added to a finished run
+    run_dir = run_experiment(load_config(TINY, tiny_overrides + ["run.rounds=2"]), resume=True,
+                             log=_quiet)
+    assert [r["round"] for r in _rows(run_dir / "metrics.jsonl")] == [0, 1, 2]
