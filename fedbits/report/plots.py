@@ -20,7 +20,7 @@ from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from fedbits.report.fmt import format_bytes
 from fedbits.report.run import Run
@@ -37,9 +37,9 @@ def plot_metric_vs_round(run: Run, path: Path) -> Path:
         rounds, _, values = zip(*run.series(metric))
         ax.plot(rounds, values, marker="o")
         ax.set_ylabel(metric)
-        ax.grid(True, alpha=0.3)
     if metrics:
         axes[-1].set_xlabel("round")
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 
@@ -47,45 +47,33 @@ def plot_metric_vs_bytes(run: Run, path: Path) -> Path:
     """One subplot per eval metric, against cumulative bytes; log x over more than a decade."""
     metrics = run.metrics()
     fig, axes = _metric_figure(metrics, f"{run.name} ({run.method}): eval metrics by bytes sent")
+    xs: list[int] = []
     for ax, metric in zip(axes, metrics):
-        xs = _plot_series_vs_bytes(ax, run, metric, "C0", "rounds >= 1", base_label="round 0 (base)")
-        _format_bytes_axis(ax, log=_spans_decade(xs))
+        xs += _plot_series_vs_bytes(ax, run, metric, "C0", "rounds >= 1", base_label="round 0 (base)")
         ax.set_ylabel(metric)
-        ax.legend(fontsize="small")
     if metrics:
-        axes[-1].set_xlabel("cumulative bytes (up + down)")
+        _finish_bytes_figure(fig, axes, xs, log=_spans_decade(xs))
     return _save(fig, path)
 
 
 def plot_compare(runs: Sequence[Run], metrics: Sequence[str], path: Path) -> Path:
     """All runs on shared axes: one subplot per metric, quality against log cumulative bytes."""
     fig, axes = _metric_figure(metrics, "quality vs bytes (dashed: each run's round-0 base)")
+    xs: list[int] = []
     for ax, metric in zip(axes, metrics):
-        xs = []
         for i, run in enumerate(runs):
             if metric in run.metrics():
                 label = f"{run.name} ({run.method})"
                 xs += _plot_series_vs_bytes(ax, run, metric, f"C{i % 10}", label, base_label=None)
-        _format_bytes_axis(ax, log=bool(xs))
         ax.set_ylabel(metric)
     if metrics:
-        axes[-1].set_xlabel("cumulative bytes (up + down)")
-        _figure_legend(fig, axes)
+        _finish_bytes_figure(fig, axes, xs, log=bool(xs))
     return _save(fig, path)
 
 
-def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
-    """One legend for the figure: a run missing from the first metric still gets listed."""
-    entries: dict[str, Artist] = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
-    fig.legend(entries.values(), entries.keys(), loc="outside lower center", fontsize="small", ncols=2)
-
-
 def _metric_figure(metrics: Sequence[str], title: str) -> tuple[Figure, list[Axes]]:
-    """A column of subplots, one per metric; with no metrics, one panel saying so, so a
-    plot file always exists for the report to link."""
+    """A column of gridded subplots sharing x, one per metric; with no metrics, one panel
+    saying so, so a plot file always exists for the report to link."""
     fig = Figure(figsize=(7.0, 1.0 + 2.6 * max(len(metrics), 1)), layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(title)
@@ -94,7 +82,10 @@ def _metric_figure(metrics: Sequence[str], title: str) -> tuple[Figure, list[Axe
         ax.text(0.5, 0.5, "no eval metrics recorded", ha="center", va="center")
         ax.set_axis_off()
         return fig, []
-    return fig, list(fig.subplots(len(metrics), 1, squeeze=False)[:, 0])
+    axes = list(fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0])
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    return fig, axes
 
 
 def _plot_series_vs_bytes(
@@ -120,13 +111,30 @@ def _spans_decade(xs: Sequence[int]) -> bool:
     return bool(xs) and max(xs) > 10 * min(xs)
 
 
-def _format_bytes_axis(ax: Axes, log: bool) -> None:
-    """Byte tick labels ("10.0 KB"); minor log ticks unlabeled to keep the axis legible."""
+def _finish_bytes_figure(fig: Figure, axes: Sequence[Axes], xs: Sequence[int], log: bool) -> None:
+    """Byte tick labels ("10.0 KB") on the shared x axis and one legend for the figure.
+
+    On a log axis spanning a couple of decades or less, major ticks go at 1-2-5 so every
+    subplot still has labelled ticks; wider spans keep one tick per decade (or fewer).
+    """
+    bottom = axes[-1]
     if log:
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.xaxis.set_major_formatter(FuncFormatter(_byte_tick))
-    ax.grid(True, which="major", alpha=0.3)
+        bottom.set_xscale("log")
+        if max(xs) <= 100 * min(xs):
+            bottom.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        bottom.xaxis.set_minor_formatter(NullFormatter())
+    bottom.xaxis.set_major_formatter(FuncFormatter(_byte_tick))
+    bottom.set_xlabel("cumulative bytes (up + down)")
+    _figure_legend(fig, axes)
+
+
+def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend below the plots, listing each label once, whichever subplot drew it."""
+    entries: dict[str, Artist] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries.keys()), loc="outside lower center", fontsize="small", ncols=2)
 
 
 def _byte_tick(x: float, _pos: int | None) -> str:
