@@ -217,8 +217,9 @@ def _smollm2_dir() -> Path:
     """The cached float32 ``save_pretrained`` copy of SmolLM2, converted on first use.
 
     The conversion is written to a temporary directory and renamed into place, so a killed
-    conversion never leaves a half cache; a file lock makes concurrent runs wait for one
-    conversion instead of doing it twice.
+    conversion never leaves a half cache (its temporary directory is removed by the next
+    conversion); a file lock makes concurrent runs wait for one conversion instead of
+    doing it twice.
     """
     target = cache_dir() / "models" / "smollm2-135m"
     if target.is_dir():
@@ -228,10 +229,13 @@ def _smollm2_dir() -> Path:
     with FileLock(str(target) + ".lock"):
         if target.is_dir():  # another process converted it while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m-", dir=target.parent))
+        for stale in target.parent.glob(f".{target.name}-*"):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             _load_gguf(gguf, torch.float32).save_pretrained(tmp)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

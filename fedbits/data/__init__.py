@@ -4,7 +4,13 @@ partition across clients, tokenise with completion-only labels, and batch."""
 from fedbits.data.batching import collate, iterate_batches, left_pad
 from fedbits.data.builtin import generate_builtin_tasks
 from fedbits.data.examples import Example, load_examples
-from fedbits.data.format import Tokenized, render_prompt, tokenize_all, tokenize_example, tokenize_prompts
+from fedbits.data.format import (
+    Tokenized,
+    render_prompt,
+    tokenize_all,
+    tokenize_example,
+    tokenize_prompts,
+)
 from fedbits.data.partition import describe_partitions, partition, split_eval
 
 __all__ = [

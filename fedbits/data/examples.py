@@ -99,7 +99,9 @@ def _load_hub(spec: str) -> list[Example]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # network, missing dataset, bad split: all user-fixable
-        raise DataError(f"cannot load hub dataset {name!r} (split {split or 'train'!r}): {e}") from e
+        raise DataError(
+            f"cannot load hub dataset {name!r} (split {split or 'train'!r}): {e}"
+        ) from e
     return _from_records(ds, where=lambda i: f"hf:{name} row {i}", task=None)
 
 
@@ -110,7 +112,9 @@ def _load_saved_dataset(path: Path) -> list[Example]:
         raise DataError(f"cannot load saved dataset {path}: {e}") from e
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise DataError(f"{path}: saved DatasetDict has no 'train' split (has {sorted(loaded)})")
+            raise DataError(
+                f"{path}: saved DatasetDict has no 'train' split (has {sorted(loaded)})"
+            )
         loaded = loaded["train"]
     return _from_records(loaded, where=lambda i: f"{path} row {i}", task=None)
 
@@ -142,7 +146,9 @@ def _load_file(path: Path, task: str | None) -> list[Example]:
         raise DataError(f"{path}: file is empty")
     is_array = path.name.endswith((".json", ".json.gz")) and text.lstrip().startswith("[")
     if is_array:
-        examples = _from_records(_json_array(path, text), where=lambda i: f"{path} index {i}", task=task)
+        examples = _from_records(
+            _json_array(path, text), where=lambda i: f"{path} index {i}", task=task
+        )
     else:
         examples = _from_jsonl(path, text, task)
     if not examples:
@@ -164,7 +170,9 @@ def _json_array(path: Path, text: str) -> list[Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise DataError(
+            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return data
@@ -203,19 +211,37 @@ def _to_example(record: Any, where: str, task: str | None) -> Example:
     if {"prompt", "completion"} <= keys:
         answer = _text(record, "answer", where, "") if record.get("answer") is not None else None
         return _example(
-            record, where, task, _text(record, "prompt", where), _text(record, "completion", where), answer
+            record,
+            where,
+            task,
+            _text(record, "prompt", where),
+            _text(record, "completion", where),
+            answer,
         )
     if {"question", "answer"} <= keys:
         completion = _text(record, "answer", where)
         return _example(
-            record, where, task, _text(record, "question", where), completion, _final_answer(completion)
+            record,
+            where,
+            task,
+            _text(record, "question", where),
+            completion,
+            _final_answer(completion),
         )
     found = ", ".join(sorted(map(str, keys))) or "none"
-    raise DataError(f"{where}: record fits no known schema; keys found: {found}; expected one of: {'; '.join(SCHEMAS)}")
+    raise DataError(
+        f"{where}: record fits no known schema; keys found: {found}; "
+        f"expected one of: {'; '.join(SCHEMAS)}"
+    )
 
 
 def _example(
-    record: Mapping[str, Any], where: str, task: str | None, prompt: str, completion: str, answer: str | None
+    record: Mapping[str, Any],
+    where: str,
+    task: str | None,
+    prompt: str,
+    completion: str,
+    answer: str | None,
 ) -> Example:
     if task is None:
         task = _text(record, "task", where, "") or _text(record, "category", where, "")

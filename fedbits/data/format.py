@@ -88,7 +88,9 @@ def tokenize_example(tokenizer: Any, ex: Example, max_length: int) -> Tokenized:
     )
 
 
-def tokenize_all(tokenizer: Any, examples: Sequence[Example], max_length: int) -> tuple[list[Tokenized], int]:
+def tokenize_all(
+    tokenizer: Any, examples: Sequence[Example], max_length: int
+) -> tuple[list[Tokenized], int]:
     """All examples tokenised, and how many were truncated (reported, since silent
     truncation would hide that ``max_length`` is too small for the data)."""
     items = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
@@ -97,4 +99,6 @@ def tokenize_all(tokenizer: Any, examples: Sequence[Example], max_length: int) -
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
     """Rendered prompt ids for generation, cut from the left to ``max_length``."""
-    return [_keep_end(_prompt_ids(tokenizer, p), max_length, tokenizer.bos_token_id) for p in prompts]
+    return [
+        _keep_end(_prompt_ids(tokenizer, p), max_length, tokenizer.bos_token_id) for p in prompts
+    ]

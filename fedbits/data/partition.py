@@ -26,20 +26,33 @@ PARTITION_COLUMNS = ("task", "answer")
 _ROW = "row"
 
 
-def split_eval(examples: list[Example], data: DataSection, seed: int) -> tuple[list[Example], list[Example]]:
+def split_eval(
+    examples: list[Example], data: DataSection, seed: int
+) -> tuple[list[Example], list[Example]]:
     """``(train, eval)``. With ``data.eval_source`` that source is the whole eval set and
     every example trains; otherwise a seeded fraction of examples ("fraction") or of
     ``partition_by`` values ("unseen", for generalisation to tasks no client saw) is held out.
+
+    Train keeps the source order; eval comes in a seeded random order, because callers
+    evaluate a prefix (``eval.max_examples``) and sources are grouped by task, so a prefix
+    in source order would cover only the first task or two.
     """
     if data.eval_source is not None:
-        held_out = load_examples(data.eval_source, seed=seed, builtin_per_task=data.builtin_per_task)
-        return list(examples), held_out
-    if data.eval_split == "fraction":
-        return _split_fraction(examples, data.eval_fraction, seed)
-    return _split_unseen(examples, data, seed)
+        train = list(examples)
+        held_out = load_examples(
+            data.eval_source, seed=seed, builtin_per_task=data.builtin_per_task
+        )
+    elif data.eval_split == "fraction":
+        train, held_out = _split_fraction(examples, data.eval_fraction, seed)
+    else:
+        train, held_out = _split_unseen(examples, data, seed)
+    random.Random(seed).shuffle(held_out)
+    return train, held_out
 
 
-def _split_fraction(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def _split_fraction(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     n = len(examples)
     # At least one eval example, never the whole set: both sides must stay usable.
     k = min(max(1, round(fraction * n)), n - 1) if n >= 2 else 0
@@ -48,7 +61,9 @@ def _split_fraction(examples: list[Example], fraction: float, seed: int) -> tupl
     return train, [ex for i, ex in enumerate(examples) if i in held]
 
 
-def _split_unseen(examples: list[Example], data: DataSection, seed: int) -> tuple[list[Example], list[Example]]:
+def _split_unseen(
+    examples: list[Example], data: DataSection, seed: int
+) -> tuple[list[Example], list[Example]]:
     column = _check_column(data.partition_by)
     values = sorted({_key(ex, column) for ex in examples})
     if data.eval_values:
@@ -62,7 +77,8 @@ def _split_unseen(examples: list[Example], data: DataSection, seed: int) -> tupl
     else:
         if len(values) < 2:
             raise DataError(
-                f"eval_split='unseen' needs at least 2 distinct {column!r} values, found {len(values)}"
+                f"eval_split='unseen' needs at least 2 distinct {column!r} values, "
+                f"found {len(values)}"
             )
         k = min(max(1, round(data.eval_fraction * len(values))), len(values) - 1)
         held = set(random.Random(seed).sample(values, k))
@@ -89,7 +105,11 @@ def partition(train: list[Example], data: DataSection, seed: int) -> list[list[E
         # min_partition_size=0: tiny and empty clients are allowed, so the partitioner never
         # resamples (it would raise after 10 tries on a small, skewed data set).
         partitioner = DirichletPartitioner(
-            num_partitions=n_parts, partition_by=column, alpha=data.alpha, min_partition_size=0, seed=seed
+            num_partitions=n_parts,
+            partition_by=column,
+            alpha=data.alpha,
+            min_partition_size=0,
+            seed=seed,
         )
         dataset = _to_dataset(train)
     parts = _apply(partitioner, dataset, train, n_parts)
@@ -106,9 +126,13 @@ def _natural(train: list[Example], column: str, n_clients: int) -> list[list[Exa
     return _apply(NaturalIdPartitioner(partition_by=column), _to_dataset(train), train, n_clients)
 
 
-def _apply(partitioner: Partitioner, dataset: datasets.Dataset, train: list[Example], n_parts: int) -> list[list[Example]]:
+def _apply(
+    partitioner: Partitioner, dataset: datasets.Dataset, train: list[Example], n_parts: int
+) -> list[list[Example]]:
     partitioner.dataset = dataset
-    rows = (partitioner.load_partition(p).select_columns([_ROW]).to_dict()[_ROW] for p in range(n_parts))
+    rows = (
+        partitioner.load_partition(p).select_columns([_ROW]).to_dict()[_ROW] for p in range(n_parts)
+    )
     return [[train[i] for i in part] for part in rows]
 
 
@@ -130,7 +154,10 @@ def _to_dataset(train: list[Example]) -> datasets.Dataset:
 
 def _check_column(column: str) -> str:
     if column not in PARTITION_COLUMNS:
-        raise DataError(f"data.partition_by: unknown column {column!r} (allowed: {', '.join(PARTITION_COLUMNS)})")
+        raise DataError(
+            f"data.partition_by: unknown column {column!r} "
+            f"(allowed: {', '.join(PARTITION_COLUMNS)})"
+        )
     return column
 
 

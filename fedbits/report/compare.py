@@ -55,7 +55,10 @@ def _run_cells(run: Run, metrics: Sequence[str]) -> list[str]:
     ]
     for metric in metrics:
         series = run.series(metric)
-        cells += [format_value(series[0][2]), format_value(series[-1][2])] if series else [MISSING, MISSING]
+        if series:
+            cells += [format_value(series[0][2]), format_value(series[-1][2])]
+        else:
+            cells += [MISSING, MISSING]
     return cells
 
 

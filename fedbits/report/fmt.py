@@ -33,7 +33,7 @@ def format_bytes(n: float) -> str:
 
 
 def format_exact_bytes(n: int) -> str:
-    """``78000 -> "78.0 KB (78,000 B)"``: the readable size plus the exact count to check against."""
+    """``78000 -> "78.0 KB (78,000 B)"``: readable, plus the exact count to check against."""
     return f"{format_bytes(n)} ({n:,} B)"
 
 

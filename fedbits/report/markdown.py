@@ -81,7 +81,8 @@ def _rounds_table(run: Run) -> list[str]:
     metrics = run.metrics()
     header = ["round", "clients", "rejected", "bytes up", "bytes down", "cumulative",
               "train loss", *metrics, "seconds", "peak RSS MB"]
-    return ["## Per round", "", *_md_table(header, [_round_cells(row, metrics) for row in run.rows])]
+    rows = [_round_cells(row, metrics) for row in run.rows]
+    return ["## Per round", "", *_md_table(header, rows)]
 
 
 def _round_cells(row: dict[str, Any], metrics: Sequence[str]) -> list[str]:
@@ -89,9 +90,9 @@ def _round_cells(row: dict[str, Any], metrics: Sequence[str]) -> list[str]:
         str(row["round"]),
         str(len(row.get("clients", []))),
         str(len(row.get("rejected", {}))),
-        format_bytes(row.get("bytes_up", 0)),
-        format_bytes(row.get("bytes_down", 0)),
-        format_bytes(row.get("cum_bytes", 0)),
+        format_bytes(row.get("bytes_up") or 0),
+        format_bytes(row.get("bytes_down") or 0),
+        format_bytes(row.get("cum_bytes") or 0),
         format_value(row.get("train_loss")),
         *(format_value(row.get(m)) for m in metrics),
         format_value(row.get("seconds"), digits=1),
@@ -103,7 +104,7 @@ def _client_bytes_table(run: Run) -> list[str]:
     """Mean bytes per client that sent/received a message, per round, from the ledger."""
     up, down = run.bytes_by_client("up"), run.bytes_by_client("down")
     rows = [
-        [str(r), str(len(up.get(r, {}))), _mean_bytes(up.get(r)), str(len(down.get(r, {}))), _mean_bytes(down.get(r))]
+        [str(r), *_client_cells(up.get(r, {})), *_client_cells(down.get(r, {}))]
         for r in sorted(up.keys() | down.keys())
     ]
     title = ["## Bytes per participating client", ""]
@@ -113,8 +114,10 @@ def _client_bytes_table(run: Run) -> list[str]:
     return [*title, *_md_table(header, rows)]
 
 
-def _mean_bytes(per_client: dict[int, int] | None) -> str:
-    return format_bytes(sum(per_client.values()) / len(per_client)) if per_client else MISSING
+def _client_cells(per_client: dict[int, int]) -> list[str]:
+    """How many clients moved bytes that way in the round, and their mean."""
+    mean = sum(per_client.values()) / len(per_client) if per_client else None
+    return [str(len(per_client)), format_optional_bytes(mean)]
 
 
 def _metric_change(run: Run) -> list[str]:
@@ -122,8 +125,9 @@ def _metric_change(run: Run) -> list[str]:
     for metric in run.metrics():
         series = run.series(metric)
         (r0, _, first), (r1, _, last) = series[0], series[-1]
-        rows.append([metric, f"{format_value(first)} (round {r0})", f"{format_value(last)} (round {r1})",
-                     f"{last - first:+.4f}"])
+        first_cell = f"{format_value(first)} (round {r0})"
+        last_cell = f"{format_value(last)} (round {r1})"
+        rows.append([metric, first_cell, last_cell, f"{last - first:+.4f}"])
     title = ["## Eval metrics: first vs last", ""]
     if not rows:
         return [*title, "No eval metrics recorded."]
@@ -132,16 +136,18 @@ def _metric_change(run: Run) -> list[str]:
 
 def _totals(run: Run) -> list[str]:
     up, down = run.total_bytes("up"), run.total_bytes("down")
-    seconds = sum(float(row.get("seconds", 0.0)) for row in run.rows)
-    peak = max((float(row["peak_rss_mb"]) for row in run.rows if "peak_rss_mb" in row), default=None)
+    mean_up = format_optional_bytes(run.mean_client_bytes("up"))
+    mean_down = format_optional_bytes(run.mean_client_bytes("down"))
+    seconds = sum(float(row.get("seconds") or 0.0) for row in run.rows)
+    peaks = [float(row["peak_rss_mb"]) for row in run.rows if row.get("peak_rss_mb") is not None]
+    peak = max(peaks, default=None)
     return [
         "## Totals",
         "",
         f"- **Bytes up:** {format_exact_bytes(up)}",
         f"- **Bytes down:** {format_exact_bytes(down)}",
         f"- **Bytes up + down:** {format_exact_bytes(up + down)}",
-        f"- **Mean per client per round:** up {format_optional_bytes(run.mean_client_bytes('up'))}, "
-        f"down {format_optional_bytes(run.mean_client_bytes('down'))}",
+        f"- **Mean per client per round:** up {mean_up}, down {mean_down}",
         f"- **Wall time:** {seconds:.1f} s",
         f"- **Peak RSS:** {format_value(peak, digits=0)} MB",
     ]

@@ -49,7 +49,7 @@ def plot_metric_vs_bytes(run: Run, path: Path) -> Path:
     fig, axes = _metric_figure(metrics, f"{run.name} ({run.method}): eval metrics by bytes sent")
     xs: list[int] = []
     for ax, metric in zip(axes, metrics):
-        xs += _plot_series_vs_bytes(ax, run, metric, "C0", "rounds >= 1", base_label="round 0 (base)")
+        xs += _plot_series_vs_bytes(ax, run, metric, "C0", "rounds >= 1", "round 0 (base)")
         ax.set_ylabel(metric)
     if metrics:
         _finish_bytes_figure(fig, axes, xs, log=_spans_decade(xs))
@@ -64,7 +64,7 @@ def plot_compare(runs: Sequence[Run], metrics: Sequence[str], path: Path) -> Pat
         for i, run in enumerate(runs):
             if metric in run.metrics():
                 label = f"{run.name} ({run.method})"
-                xs += _plot_series_vs_bytes(ax, run, metric, f"C{i % 10}", label, base_label=None)
+                xs += _plot_series_vs_bytes(ax, run, metric, f"C{i % 10}", label, None)
         ax.set_ylabel(metric)
     if metrics:
         _finish_bytes_figure(fig, axes, xs, log=bool(xs))
@@ -134,7 +134,10 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
-    fig.legend(list(entries.values()), list(entries.keys()), loc="outside lower center", fontsize="small", ncols=2)
+    fig.legend(
+        list(entries.values()), list(entries.keys()),
+        loc="outside lower center", fontsize="small", ncols=2,
+    )
 
 
 def _byte_tick(x: float, _pos: int | None) -> str:

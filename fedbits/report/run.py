@@ -51,14 +51,14 @@ class Run:
     def series(self, metric: str) -> list[tuple[int, int, float]]:
         """``(round, cumulative bytes, value)`` for every round that recorded ``metric``."""
         return [
-            (row["round"], int(row.get("cum_bytes", 0)), float(row[metric]))
+            (row["round"], int(row.get("cum_bytes") or 0), float(row[metric]))
             for row in self.rows
             if row.get(metric) is not None
         ]
 
     def total_bytes(self, direction: Direction) -> int:
         """Bytes sent in one direction over the whole run, summed over the rounds."""
-        return sum(int(row.get(f"bytes_{direction}", 0)) for row in self.rows)
+        return sum(int(row.get(f"bytes_{direction}") or 0) for row in self.rows)
 
     def bytes_by_client(self, direction: Direction) -> dict[int, dict[int, int]]:
         """``{round: {client: bytes}}`` for one direction, from the ledger.
@@ -77,8 +77,9 @@ class Run:
 
     def mean_client_bytes(self, direction: Direction) -> float | None:
         """Mean bytes per participating client per round, over all rounds (None: no ledger)."""
-        counts = [b for per_client in self.bytes_by_client(direction).values() for b in per_client.values()]
-        return sum(counts) / len(counts) if counts else None
+        rounds = self.bytes_by_client(direction).values()
+        sizes = [b for per_client in rounds for b in per_client.values()]
+        return sum(sizes) / len(sizes) if sizes else None
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -94,7 +95,7 @@ def load_run(run_dir: str | Path) -> Run:
         raise FedbitsError(f"run directory not found: {run_dir}")
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
-        raise FedbitsError(f"{run_dir}: no metrics.jsonl (not a fedbits run directory?): {metrics_path}")
+        raise FedbitsError(f"{run_dir} is not a fedbits run directory: {metrics_path} not found")
     by_round = {row["round"]: row for row in _read_jsonl(metrics_path, _check_metrics_row)}
     if not by_round:
         raise FedbitsError(f"{metrics_path}: no rounds recorded")
@@ -162,6 +163,10 @@ def _check_metrics_row(row: Any) -> str | None:
         return "expected a JSON object per line"
     if not _is_int(row.get("round")) or row["round"] < 0:
         return f"'round' must be a non-negative integer, got {row.get('round')!r}"
+    for key in ("train_loss", *EVAL_METRICS):
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key!r} must be a number or null, got {value!r}"
     return None
 
 
