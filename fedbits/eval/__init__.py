@@ -22,9 +22,6 @@ from fedbits.eval.metrics import exact_match, rouge_l
 
 __all__ = ["eval_loss", "evaluate", "exact_match", "greedy_generate", "rouge_l"]
 
-GENERATION_METRICS = ("rougeL", "exact_match")
-
-
 def _batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
