@@ -70,7 +70,7 @@ class _CorruptingClient(DenseClient):
     def update(self, round_, client, downlink, data, store):
         payload = super().update(round_, client, downlink, data, store)
         if client == 0:
-            payload = payload[:20] + bytes([payload[20] ^ 0xFF]) + payload[21:]
+            payload = payload[:40] + bytes([payload[40] ^ 0xFF]) + payload[41:]
         return payload
 
 

@@ -6,6 +6,7 @@ Final output is a PEFT adapter loadable with ``PeftModel.from_pretrained``.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -35,7 +36,9 @@ def add_lora(model: nn.Module, opts: FedITOptions) -> nn.Module:
         target_modules=opts.target_modules,
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft probes a transformers attribute that is deprecated; nothing for users to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         torch.manual_seed(opts.lora_seed)
         return get_peft_model(model, config)
 

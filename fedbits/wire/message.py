@@ -6,8 +6,8 @@ Layout (little-endian)::
     | body length u64 | body | CRC-32 of everything before it (u32)
 
 The decoder checks, in order: the size limit (before reading anything else),
-magic, version, direction, method, round, the body length against the bytes
-present, trailing garbage and the checksum. A bit flip anywhere is caught by the
+magic, version, the body length against the bytes present (truncation, trailing
+garbage), the checksum, then direction, method and round. A bit flip anywhere is caught by the
 CRC; a truncated or padded payload by the length fields.
 """
 
@@ -69,14 +69,8 @@ def decode_message(
     if version != VERSION:
         raise WireError(f"{sender}: unsupported wire version {version} (this build speaks {VERSION})")
     got_dir = r.u8("direction")
-    if got_dir != int(direction):
-        raise WireError(f"{sender}: direction {got_dir}, expected {int(direction)} ({direction.name})")
     got_method = r.text("method")
-    if got_method != method:
-        raise WireError(f"{sender}: payload is for method {got_method!r}, expected {method!r}")
     got_round = r.u32("round")
-    if got_round != round_:
-        raise WireError(f"{sender}: payload is for round {got_round}, expected {round_}")
     length = r.u64("body length")
     if length != r.remaining - _TRAILER:
         raise WireError(
@@ -87,6 +81,13 @@ def decode_message(
     body = r.raw(length, "body")
     crc = r.u32("checksum")
     r.finish()
+    # The checksum first: a corrupted payload reads as corrupted, not as a wrong field.
     if zlib.crc32(payload[: head_len + length]) != crc:
         raise WireError(f"{sender}: checksum mismatch (corrupted payload)")
+    if got_dir != int(direction):
+        raise WireError(f"{sender}: direction {got_dir}, expected {int(direction)} ({direction.name})")
+    if got_method != method:
+        raise WireError(f"{sender}: payload is for method {got_method!r}, expected {method!r}")
+    if got_round != round_:
+        raise WireError(f"{sender}: payload is for round {got_round}, expected {round_}")
     return body
