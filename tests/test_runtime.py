@@ -149,3 +149,18 @@ def test_resume_refuses_a_changed_config(tiny_overrides):
     run_dir = run_experiment(load_config(TINY, tiny_overrides + ["run.rounds=2"]), resume=True,
                              log=_quiet)
     assert [r["round"] for r in _rows(run_dir / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_fedadam_state_survives_resume(tmp_path):
+    """Adam's moments live in the checkpoint: 2 rounds + resume to 4 == 4 straight."""
+    common = [f"run.out_dir={tmp_path}", "method.server_opt=fedadam", "method.server_lr=0.01"]
+    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]),
+                              log=_quiet)
+    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=_quiet)
+    resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=4"]),
+                             resume=True, log=_quiet)
+    want, got = _final_weights(straight), _final_weights(resumed)
+    base = run_experiment(load_config(TINY, common + ["run.name=avg", "run.rounds=4",
+                                                      "method.server_opt=avg"]), log=_quiet)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert any(not torch.equal(want[k], _final_weights(base)[k]) for k in want)

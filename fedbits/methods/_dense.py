@@ -49,7 +49,9 @@ class DenseUpdate(ClientUpdate):
     delta: dict[str, torch.Tensor]
 
 
-class DenseServer:
+class _DenseHalf:
+    """What both halves hold: the prepared model, its trainable tensors and their layout."""
+
     def __init__(self, ctx: MethodContext, prepare: Prepare) -> None:
         self.ctx = ctx
         self.name = ctx.cfg.method.name
@@ -57,6 +59,22 @@ class DenseServer:
         self.params = trainable_tensors(self.model)
         self.layout = Layout.of(self.params)
         self.wire_dtype = _DTYPES[ctx.options.wire_dtype]
+
+    def _open(self, payload: bytes, round_: int, direction: Direction, sender: str) -> Reader:
+        body = decode_message(
+            payload,
+            method=self.name,
+            round_=round_,
+            direction=direction,
+            max_bytes=self.ctx.max_payload_bytes,
+            sender=sender,
+        )
+        return Reader(body, sender)
+
+
+class DenseServer(_DenseHalf):
+    def __init__(self, ctx: MethodContext, prepare: Prepare) -> None:
+        super().__init__(ctx, prepare)
         self.optimizer = make_server_optimizer(list(self.params.values()), ctx.options)
 
     def downlink(self, round_: int, client: int) -> bytes:
@@ -66,15 +84,7 @@ class DenseServer:
 
     def decode_uplink(self, round_: int, client: int, payload: bytes) -> DenseUpdate:
         sender = f"client {client} uplink"
-        body = decode_message(
-            payload,
-            method=self.name,
-            round_=round_,
-            direction=Direction.UP,
-            max_bytes=self.ctx.max_payload_bytes,
-            sender=sender,
-        )
-        r = Reader(body, sender)
+        r = self._open(payload, round_, Direction.UP, sender)
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
         delta = read_tensors(r, self.layout, self.wire_dtype, "delta")
@@ -116,31 +126,15 @@ class DenseServer:
         self.model.save_pretrained(path)
 
 
-class DenseClient:
+class DenseClient(_DenseHalf):
     """One working model, reused for every client this process simulates."""
-
-    def __init__(self, ctx: MethodContext, prepare: Prepare) -> None:
-        self.ctx = ctx
-        self.name = ctx.cfg.method.name
-        self.model = prepare(ctx.build_model())
-        self.params = trainable_tensors(self.model)
-        self.layout = Layout.of(self.params)
-        self.wire_dtype = _DTYPES[ctx.options.wire_dtype]
 
     def update(
         self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
     ) -> bytes:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
-        body = decode_message(
-            downlink,
-            method=self.name,
-            round_=round_,
-            direction=Direction.DOWN,
-            max_bytes=self.ctx.max_payload_bytes,
-            sender=f"downlink to client {client}",
-        )
-        r = Reader(body, f"downlink to client {client}")
+        r = self._open(downlink, round_, Direction.DOWN, f"downlink to client {client}")
         received = read_tensors(r, self.layout, self.wire_dtype, "weights")
         r.finish()
         with torch.no_grad():
