@@ -97,9 +97,6 @@ class EvalSection(_Section):
 class RuntimeSection(_Section):
     kind: Literal["simulation"] = "simulation"
     max_payload_mb: float = Field(4096.0, gt=0, description="reject payloads larger than this")
-    client_replay: bool = Field(
-        False, description="simulate the client rebuilding its model from its own store"
-    )
 
 
 class Config(_Section):
