@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fedbits.errors import FedbitsError
 from fedbits.eval import evaluate
 from fedbits.methods import ClientData, ClientUpdate, get_method
+from fedbits.report.fmt import format_bytes
 from fedbits.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, truncate_to
 from fedbits.runtime.setup import RunSetup, derive_seed
 from fedbits.runtime.store import ClientStores
@@ -41,14 +42,6 @@ def sample_clients(setup: RunSetup, round_: int) -> list[int]:
     return sorted(rng.sample(eligible, k))
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def _summary_line(row: dict[str, Any], rounds: int) -> str:
     parts = [f"round {row['round']}/{rounds}"]
     if row["round"] > 0:
@@ -56,8 +49,8 @@ def _summary_line(row: dict[str, Any], rounds: int) -> str:
         parts += [
             f"clients {len(row['clients'])}"
             + (f" ({len(row['rejected'])} rejected)" if row["rejected"] else ""),
-            f"up {_fmt_bytes(row['bytes_up'])} ({_fmt_bytes(row['bytes_up'] / n)}/client)",
-            f"down {_fmt_bytes(row['bytes_down'])} ({_fmt_bytes(row['bytes_down'] / n)}/client)",
+            f"up {format_bytes(row['bytes_up'])} ({format_bytes(row['bytes_up'] / n)}/client)",
+            f"down {format_bytes(row['bytes_down'])} ({format_bytes(row['bytes_down'] / n)}/client)",
         ]
         if row["train_loss"] is not None:
             parts.append(f"train_loss {row['train_loss']:.4f}")
