@@ -109,11 +109,13 @@ class Simulation:
         self.ledger.record(round_, client, "down", down)
         up = self.client.update(round_, client, down, data, self.stores.for_client(client, round_))
         self.ledger.record(round_, client, "up", up)
+        self._client_stats[str(client)] = dict(getattr(self.client, "last_stats", {}))
         progress.update(1)
         return self.server.decode_uplink(round_, client, up)
 
     def run_round(self, round_: int) -> dict[str, Any]:
         start = time.perf_counter()
+        self._client_stats: dict[str, dict[str, float]] = {}
         chosen = sample_clients(self.setup, round_)
         updates: list[ClientUpdate] = []
         rejected: dict[str, str] = {}
@@ -151,6 +153,9 @@ class Simulation:
                 if updates else None
             ),
             "train_seconds": time.perf_counter() - start,
+            # what a method measures inside its halves (e.g. FedKSeed's replay time)
+            "client_stats": self._client_stats,
+            **dict(getattr(self.server, "last_stats", {}) if updates else {}),
         }
 
     def evaluate(self) -> dict[str, float]:

@@ -112,6 +112,11 @@ class Reader:
         self._what = what
 
     @property
+    def what(self) -> str:
+        """Who sent these bytes, for error messages (e.g. "client 3 uplink")."""
+        return self._what
+
+    @property
     def remaining(self) -> int:
         return len(self._view) - self._pos
 

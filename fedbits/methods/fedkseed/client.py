@@ -1,0 +1,112 @@
+"""FedKSeed's client: sync by replay, τ zeroth-order steps, upload the scalars.
+
+1. Apply the downloaded pool entries to the pool it keeps in its client store.
+2. Rebuild the model from its base weights and that pool by exact replay (only the
+   changed seeds when this process still holds its accumulator, else all of them).
+3. τ two-point steps, each on a seed drawn from the pool (uniform; Pro: by the
+   importance the server sent) and a batch of its data.
+4. Upload the (seed index, scalar) pairs, or the touched pool entries if smaller,
+   with a digest of the replayed weights that the server checks against its own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from fedbits.data.batching import iterate_batches
+from fedbits.errors import ClientError
+from fedbits.methods.base import ClientData, ClientStore, MethodContext
+from fedbits.methods.fedkseed import protocol
+from fedbits.runtime.setup import derive_seed
+from fedbits.wire import Direction, Reader, decode_message, encode_message
+from fedbits.zo.replay import Replay, SeedKeys, to_fixed
+from fedbits.zo.step import ZeroOrderTrainer
+
+POOL_KEY = "fedkseed-pool"
+
+
+class FedKSeedClient:
+    def __init__(self, ctx: MethodContext, pro: bool = False) -> None:
+        self.ctx, self.opts, self.pro = ctx, ctx.options, pro
+        self.name = ctx.cfg.method.name
+        cfg = ctx.cfg.clients
+        self.model = ctx.build_model()
+        self.model.eval()
+        self.base = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.keys = SeedKeys(protocol.pool_seeds(ctx.cfg.run.seed, self.opts.num_seeds))
+        self.cache = Replay(self.model, self.keys, self.opts.distribution) if (
+            self.opts.client_replay == "incremental") else None
+        self.trainer = ZeroOrderTrainer(
+            self.model, self.opts.eps, cfg.lr, cfg.weight_decay, self.opts.distribution
+        )
+        self.last_stats: dict[str, float] = {}
+
+    def _load_pool(self, store: ClientStore) -> np.ndarray:
+        raw = store.get(POOL_KEY)
+        if raw is None:
+            return np.zeros(self.opts.num_seeds)
+        pool = np.frombuffer(raw, dtype="<f8").copy()
+        if len(pool) != self.opts.num_seeds:
+            raise ClientError(f"stored pool has {len(pool)} seeds, the run has {self.opts.num_seeds}")
+        return pool
+
+    def sync(self, pool: np.ndarray) -> int:
+        """Make the model the one ``pool`` stands for; return the seeds replayed."""
+        replay = self.cache or Replay(self.model, self.keys, self.opts.distribution)
+        seeds = replay.move_to(to_fixed(pool))
+        replay.write(self.model, self.base, self.ctx.cfg.clients.lr)
+        return seeds
+
+    def _seed_indices(self, steps: int, seed: int, importance: np.ndarray | None) -> list[int]:
+        gen = torch.Generator().manual_seed(derive_seed(seed, "fedkseed-seeds"))
+        if importance is None:
+            return torch.randint(self.opts.num_seeds, (steps,), generator=gen).tolist()
+        probs = torch.softmax(torch.from_numpy(importance.astype(np.float64) / 255), 0)
+        return torch.multinomial(probs, steps, replacement=True, generator=gen).tolist()
+
+    def update(self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore) -> bytes:
+        if not data.items:
+            raise ClientError(f"client {client} has no training data")
+        what = f"downlink to client {client}"
+        body = decode_message(downlink, method=self.name, round_=round_, direction=Direction.DOWN,
+                              max_bytes=self.ctx.max_payload_bytes, sender=what)
+        indices, values, importance = protocol.decode_downlink(
+            Reader(body, what), self.opts.pool_format(), self.opts.num_seeds, self.pro
+        )
+        pool = self._load_pool(store)
+        pool[indices] = values
+        store.put(POOL_KEY, pool.astype("<f8").tobytes())
+
+        start = time.perf_counter()
+        replayed = self.sync(pool)
+        replay_seconds = time.perf_counter() - start
+        digest = protocol.model_digest(self.model)
+
+        cfg = self.ctx.cfg.clients
+        seeds = self._seed_indices(cfg.local_steps, data.seed, importance)
+        batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps,
+                                  torch.Generator().manual_seed(data.seed), data.pad_id)
+        steps: list[tuple[int, float]] = []
+        losses: list[float] = []
+        start = time.perf_counter()
+        with self.trainer.attached():
+            for index, batch in zip(seeds, batches):
+                loss_plus, loss_minus, g = self.trainer.step(self.keys.seeds[index], batch)
+                if g is not None:
+                    steps.append((index, g))
+                    losses.append((loss_plus + loss_minus) / 2)
+        if not steps:
+            raise ClientError(f"client {client}: every local step had a non-finite loss")
+        self.last_stats = {
+            "replay_seeds": replayed, "replay_seconds": replay_seconds,
+            "train_seconds": time.perf_counter() - start,
+            "skipped_steps": cfg.local_steps - len(steps),
+        }
+        up = protocol.encode_uplink(
+            data.num_samples, float(np.mean(losses)), digest, steps, self.opts.uplink_format(),
+            self.opts.num_seeds, steps_only=self.pro,
+        )
+        return encode_message(self.name, round_, Direction.UP, up)

@@ -1,0 +1,44 @@
+"""FedKSeed's ``[method]`` options (the client's lr, τ and batch size are ``[clients]``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedbits.methods.base import MethodOptions
+from fedbits.methods.fedkseed.wire import EntryFormat, ScalarDtype
+
+
+class FedKSeedOptions(MethodOptions):
+    num_seeds: int = Field(4096, ge=1, le=1 << 24, description="K, the candidate seed pool")
+    eps: float = Field(5e-4, gt=0, description="perturbation scale ε of the two-point estimate")
+    distribution: Literal["gaussian", "rademacher"] = Field(
+        "gaussian", description="direction values: 4096-level Gaussian, or ±1"
+    )
+    wire: Literal["compact", "reference"] = Field(
+        "compact", description="compact: bit-packed indices, quantised scalars; "
+        "reference: the paper's 4-byte index + 4-byte float32 per entry"
+    )
+    scalar_dtype: ScalarDtype = Field("float16", description="uplink scalars (compact wire)")
+    pool_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="downlink pool scalars (compact wire); the published pool "
+        "defines the model, so it is what clients and server both replay"
+    )
+    zstd: bool = Field(True, description="entropy-code a section when that makes it smaller")
+    client_replay: Literal["incremental", "full"] = Field(
+        "incremental", description="incremental: a client process keeps its replay "
+        "accumulator and replays only changed seeds; full: every client rebuilds from "
+        "its base weights and its whole pool (a node that keeps nothing else)"
+    )
+    max_scalar: float = Field(1e6, gt=0, description="uplink scalars beyond ± this are rejected")
+
+    def uplink_format(self) -> EntryFormat:
+        return EntryFormat(self.wire, self.scalar_dtype, self.zstd)
+
+    def pool_format(self) -> EntryFormat:
+        return EntryFormat(self.wire, self.pool_dtype, self.zstd)
+
+
+class FedKSeedProOptions(FedKSeedOptions):
+    history_clip: float = Field(1000.0, gt=0, description="|scalar| clip for seed importance")

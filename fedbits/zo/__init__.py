@@ -1,0 +1,1 @@
+"""Zeroth-order kernels: keyed directions, exact perturb/update, fused steps, replay."""
