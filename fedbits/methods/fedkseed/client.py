@@ -73,10 +73,10 @@ class FedKSeedClient:
         what = f"downlink to client {client}"
         body = decode_message(downlink, method=self.name, round_=round_, direction=Direction.DOWN,
                               max_bytes=self.ctx.max_payload_bytes, sender=what)
-        indices, values, importance = protocol.decode_downlink(
+        full, indices, values, importance = protocol.decode_downlink(
             Reader(body, what), self.opts.pool_format(), self.opts.num_seeds, self.pro
         )
-        pool = self._load_pool(store)
+        pool = np.zeros(self.opts.num_seeds) if full else self._load_pool(store)
         pool[indices] = values
         store.put(POOL_KEY, pool.astype("<f8").tobytes())
 

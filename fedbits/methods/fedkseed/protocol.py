@@ -1,7 +1,7 @@
 """What FedKSeed's two halves share: the seed pool, the messages, the model digest.
 
-Downlink body: pool entries (absolute published values of the seeds that changed since
-the client's last verified sync; all non-zero entries for a new client)
+Downlink body: full u8 (1: the whole pool, replacing whatever the client holds; 0: the
+changes since its last verified sync) | pool entries (absolute published values)
 [FedKSeed-Pro: u8 flag | K importance levels (u8), raw or zstd (flag 1)].
 
 Uplink body: num_samples u32 | train_loss f32 | model digest u32 | form u8
@@ -46,10 +46,10 @@ def model_digest(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------- downlink
 def encode_downlink(
-    indices: np.ndarray, values: np.ndarray, fmt: EntryFormat, num_seeds: int,
+    full: bool, indices: np.ndarray, values: np.ndarray, fmt: EntryFormat, num_seeds: int,
     importance: np.ndarray | None,
 ) -> bytes:
-    w = Writer()
+    w = Writer().u8(int(full))
     encode_entries(w, indices, values, num_seeds, fmt, unique=True)
     if importance is not None:
         raw = importance.astype(np.uint8).tobytes()
@@ -60,7 +60,10 @@ def encode_downlink(
 
 def decode_downlink(
     r: Reader, fmt: EntryFormat, num_seeds: int, pro: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray | None]:
+    full = r.u8("full")
+    if full > 1:
+        raise WireError(f"{r.what}: field full is {full}, expected 0 or 1")
     indices, values = decode_entries(r, num_seeds, fmt, r.what, max_count=num_seeds)
     importance = None
     if pro:
@@ -78,7 +81,7 @@ def decode_downlink(
             raise WireError(f"{r.what}: importance flag {flag} is not 0 or 1")
         importance = np.frombuffer(raw, dtype=np.uint8).copy()
     r.finish()
-    return indices, values, importance
+    return bool(full), indices, values, importance
 
 
 # ---------------------------------------------------------------------------- uplink

@@ -57,7 +57,7 @@ class FedKSeedServer:
         view = self.views.get(client)
         changed = np.nonzero(self.published if view is None else self.published != view)[0]
         body = protocol.encode_downlink(
-            changed, self.published[changed], self.opts.pool_format(), self.opts.num_seeds,
+            view is None, changed, self.published[changed], self.opts.pool_format(), self.opts.num_seeds,
             self.importance_levels() if self.pro else None,
         )
         self._sent[client] = self.published.copy()

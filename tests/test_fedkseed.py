@@ -1,0 +1,122 @@
+"""FedKSeed / FedKSeed-Pro end to end on the tiny model: exact replay, bytes, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedbits.config import load_config
+from fedbits.methods.fedkseed.client import POOL_KEY, FedKSeedClient
+from fedbits.methods.fedkseed.wire import EntryFormat, encode_entries
+from fedbits.runtime import run_experiment
+from fedbits.runtime.setup import prepare_run
+from fedbits.runtime.simulation import Simulation
+from fedbits.wire import Writer, header_size
+
+from conftest import REPO
+
+EXAMPLE = REPO / "examples" / "fedkseed-tiny.toml"
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _simulate(tmp_path: Path, *overrides: str, rounds: int = 4) -> Simulation:
+    cfg = load_config(EXAMPLE, [f"run.out_dir={tmp_path}", f"run.rounds={rounds}", *overrides])
+    (tmp_path / "sim").mkdir(parents=True)
+    sim = Simulation(prepare_run(cfg, _quiet), tmp_path / "sim", _quiet)
+    sim.run()
+    return sim
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_client_replay_is_bit_identical_to_the_server(tmp_path, mode):
+    sim = _simulate(tmp_path, f"method.client_replay={mode}")
+    rows = _rows(tmp_path / "sim")
+    # every uplink carried the digest of the client's replayed model; the server
+    # refuses any update whose model differs from its own, so none may be rejected
+    assert all(not r["rejected"] for r in rows)
+    assert sum(len(r["clients"]) for r in rows) == 12
+    assert any(s["replay_seeds"] > 0 for r in rows[2:] for s in r["client_stats"].values())
+    # a fresh client process (no cache) rebuilds the final model from w0 + the pool
+    client = FedKSeedClient(sim.setup.method_context())
+    assert client.sync(sim.server.published) == np.count_nonzero(sim.server.published)
+    for (name, want), got in zip(sim.server.model.named_parameters(), client.model.parameters()):
+        assert torch.equal(want, got), name
+    base = sim.setup.base_model.state_dict()
+    assert any(not torch.equal(base[n], p) for n, p in sim.server.model.named_parameters())
+
+
+def test_a_client_whose_replay_diverges_is_refused_then_resynced(tmp_path):
+    cfg = load_config(EXAMPLE, [f"run.out_dir={tmp_path}", "run.rounds=4", "clients.per_round=6",
+                                  "method.num_seeds=4096"])
+    (tmp_path / "sim").mkdir()
+    sim = Simulation(prepare_run(cfg, _quiet), tmp_path / "sim", _quiet)
+    for round_ in (1, 2):
+        sim.run_round(round_)
+        sim._checkpoint(round_)
+    store = sim.stores.for_client(0, 3)
+    pool = np.frombuffer(store.get(POOL_KEY), dtype="<f8").copy()
+    untouched = np.nonzero((pool == 0) & (sim.server.pool == 0))[0][0]
+    pool[untouched] = 1.0  # the node's cached pool got corrupted where nothing will be resent
+    store.put(POOL_KEY, pool.tobytes())
+    row = sim.run_round(3)
+    assert "differs from the server's" in row["rejected"]["0"]
+    assert len(row["clients"]) - len(row["rejected"]) == 5
+    sim._checkpoint(3)
+    row = sim.run_round(4)  # the server forgot client 0's view: it gets the whole pool
+    assert not row["rejected"]
+
+
+def test_uplink_and_downlink_bytes_follow_the_wire_format(tmp_path):
+    sim = _simulate(tmp_path, "method.zstd=false", rounds=2)
+    ledger = [json.loads(line) for line in (tmp_path / "sim" / "ledger.jsonl").read_text().splitlines()]
+    header = header_size("fedkseed")
+    tau, k = 20, 64
+    fmt = EntryFormat("compact", "float16", zstd=False)
+    steps = Writer()
+    encode_entries(steps, np.zeros(tau, dtype=np.int64), np.ones(tau), k, fmt, unique=False)
+    most_up = header + 4 + 4 + 4 + 1 + len(steps.getvalue())  # the steps list is an upper bound
+    ups = [r["bytes"] for r in ledger if r["direction"] == "up"]
+    assert ups and all(header + 14 <= b <= most_up for b in ups)
+    downs = {r["round"]: r["bytes"] for r in ledger if r["direction"] == "down"}
+    assert downs[1] == header + 1 + 1 + 4 + 1  # full flag, empty list: tag, count, fp16 exponent
+    dense = header + 1 + 1 + 1 + 2 * k  # flag, tag, float16 exponent, K values
+    assert all(b <= dense for r, b in downs.items())
+
+
+def test_fedkseed_resume_is_bit_identical(tmp_path):
+    common = [f"run.out_dir={tmp_path}", "eval.every=100"]
+    whole = run_experiment(load_config(EXAMPLE, common + ["run.name=whole", "run.rounds=4"]), log=_quiet)
+    part = load_config(EXAMPLE, common + ["run.name=part", "run.rounds=2"])
+    run_experiment(part, log=_quiet)
+    resumed = run_experiment(load_config(EXAMPLE, common + ["run.name=part", "run.rounds=4"]),
+                             resume=True, log=_quiet)
+    from safetensors.torch import load_file
+
+    want = load_file(whole / "final" / "model.safetensors")
+    got = load_file(resumed / "final" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert (whole / "ledger.jsonl").read_text() == (resumed / "ledger.jsonl").read_text()
+    assert all(not r["rejected"] for r in _rows(resumed))
+
+
+def test_pro_sends_importance_and_samples_by_it(tmp_path):
+    sim = _simulate(tmp_path, "method.name=fedkseed-pro", rounds=3)
+    rows = _rows(tmp_path / "sim")
+    assert all(not r["rejected"] for r in rows)
+    assert sim.server.history_count.sum() > 0
+    levels = sim.server.importance_levels()
+    assert levels.min() == 0 and levels.max() == 255
+    plain = _simulate(tmp_path / "plain", rounds=3)
+    assert sum(r["bytes_down"] for r in rows) > sum(r["bytes_down"] for r in _rows(tmp_path / "plain" / "sim"))
+    assert plain.server.history_count.sum() == 0
