@@ -92,29 +92,43 @@ static void gen(uint64_t key, int64_t start, int64_t n, const float *table, floa
     }
 }
 
-/* part[0..m) += c * z over elements e..e+m of one key (exact: integer-valued doubles). */
-static inline void accumulate(uint64_t key, double c, int64_t e, int64_t m, const float *table,
-                              double *part, float *z) {
+#ifdef __AVX2__
+/* Widen 16 float values to 4 x 4 doubles. */
+static inline void widen16(__m256 lo, __m256 hi, __m256d v[4]) {
+    v[0] = _mm256_cvtps_pd(_mm256_castps256_ps128(lo));
+    v[1] = _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1));
+    v[2] = _mm256_cvtps_pd(_mm256_castps256_ps128(hi));
+    v[3] = _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1));
+}
+#endif
+
+/* part[0..m) += sum_k coefs[k] * z_k over elements e..e+m for nkeys <= SEEDS_PER_PASS
+ * keys, exactly: every product is an integer-valued double and the caller bounds every
+ * partial sum below 2^53. Several keys per visit cut the traffic on part[]. */
+#define SEEDS_PER_PASS 4
+static inline void accumulate(int nkeys, const uint64_t *keys, const double *coefs, int64_t e,
+                              int64_t m, const float *table, double *part, float *z) {
     int64_t i = 0;
 #ifdef __AVX2__
     if ((e & 15) == 0) {
-        uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-        __m256d cc = _mm256_set1_pd(c);
         for (; i + 16 <= m; i += 16) {
-            __m256 lo, hi;
-            values16(k0, k1, (e + i) >> 4, table, &lo, &hi);
-            __m256d v[4] = {_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), _mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)),
-                            _mm256_cvtps_pd(_mm256_castps256_ps128(hi)), _mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1))};
-            for (int q = 0; q < 4; q++) {
-                double *dst = part + i + 4 * q;
-                _mm256_storeu_pd(dst, _mm256_add_pd(_mm256_loadu_pd(dst), _mm256_mul_pd(cc, v[q])));
+            double *dst = part + i;
+            __m256d sum[4] = {_mm256_loadu_pd(dst), _mm256_loadu_pd(dst + 4), _mm256_loadu_pd(dst + 8),
+                              _mm256_loadu_pd(dst + 12)};
+            for (int k = 0; k < nkeys; k++) {
+                __m256 lo, hi;
+                __m256d v[4], c = _mm256_set1_pd(coefs[k]);
+                values16((uint32_t)keys[k], (uint32_t)(keys[k] >> 32), (e + i) >> 4, table, &lo, &hi);
+                widen16(lo, hi, v);
+                for (int q = 0; q < 4; q++) sum[q] = _mm256_add_pd(sum[q], _mm256_mul_pd(c, v[q]));
             }
+            for (int q = 0; q < 4; q++) _mm256_storeu_pd(dst + 4 * q, sum[q]);
         }
     }
 #endif
-    if (i < m) {
-        gen(key, e + i, m - i, table, z);
-        for (int64_t j = 0; j < m - i; j++) part[i + j] += c * (double)z[j];
+    for (int k = 0; k < nkeys && i < m; k++) {
+        gen(keys[k], e + i, m - i, table, z);
+        for (int64_t j = 0; j < m - i; j++) part[i + j] += coefs[k] * (double)z[j];
     }
 }
 
@@ -189,11 +203,19 @@ void zo_replay(int64_t nseeds, const uint64_t *keys, const int64_t *coefs, int64
     (void)nseeds;
     FOR_BLOCKS({
         double part[BLOCK];
+        double scaled[SEEDS_PER_PASS];
+        uint64_t batch[SEEDS_PER_PASS];
         int64_t s = 0;
         for (int64_t grp = 0; grp < ngroups; grp++) {
             for (int64_t i = 0; i < m; i++) part[i] = 0.0;
-            for (; s < group_end[grp]; s++)
-                accumulate(keys[s], (double)coefs[s] * 4096.0, start + b, m, table, part, z);
+            while (s < group_end[grp]) {
+                int k = 0;
+                for (; k < SEEDS_PER_PASS && s < group_end[grp]; k++, s++) {
+                    batch[k] = keys[s];
+                    scaled[k] = (double)coefs[s] * 4096.0;
+                }
+                accumulate(k, batch, scaled, start + b, m, table, part, z);
+            }
             for (int64_t i = 0; i < m; i++) acc[b + i] += (int64_t)part[i];
         }
     })
