@@ -50,6 +50,7 @@ def main() -> None:
                 f"model.name={args.model}", "method.num_seeds=4096", "clients.local_steps=200",
                 "data.num_clients=10", "clients.per_round=3", "data.builtin_per_task=40",
                 "eval.max_examples=64", f"method.wire={wire}",
+                "clients.lr=1e-4",  # the tiny example's 1e-3 diverges over τ = 200 steps
             ])
             run_dir = run_experiment(cfg, log=lambda m: None)
             msgs = per_client_round(run_dir)
@@ -65,6 +66,7 @@ def main() -> None:
                 / sum(1 for m in msgs if m["round"] == args.rounds),
                 "eval_loss_round0": rows[0]["eval_loss"],
                 "eval_loss_final": rows[-1]["eval_loss"],
+                "eval_loss_by_round": [r["eval_loss"] for r in rows],
                 "rejected": sum(len(r["rejected"]) for r in rows),
                 "messages": msgs,
             }
