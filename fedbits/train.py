@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -27,8 +27,11 @@ def local_train(
     batches: Iterable[dict[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     progress=None,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
     """Run one optimizer step per batch; return the mean training loss.
+
+    ``after_step`` runs after every optimizer step (e.g. to keep a sparsity mask).
 
     A non-finite loss stops the client: its update would poison the aggregate,
     so the runtime rejects it and the round goes on without it.
@@ -42,6 +45,8 @@ def local_train(
             raise ClientError(f"non-finite training loss at local step {steps + 1}")
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         optimizer.zero_grad(set_to_none=True)
         total += loss.item()
         steps += 1

@@ -1,42 +1,77 @@
-"""Dense-delta federated training, shared by ``fedavg`` and ``fedit``.
+"""Delta-based federated training, shared by ``fedavg``, ``fedit`` and ``flasc``.
 
-Both send the trainable tensors down and the client's change up, dense; they differ
-only in which tensors are trainable (all weights, or LoRA adapters). That choice is
-the ``prepare`` function each method passes in: composition, not a class tower.
+All three send the trainable tensors down and the client's change up; they differ in
+which tensors are trainable (all weights, or LoRA adapters) and in the codec chain
+each direction goes through (none, or e.g. top-k + int8 + zstd). Both are functions
+the method passes in: ``prepare`` and a :data:`ChainPlan` — composition, not a class
+tower.
 
-Downlink body: trainable values (layout fingerprint + one flat tensor).
-Uplink body:   num_samples u32 | train_loss f32 | Δ values (fingerprint + flat tensor).
+Downlink body: layout fingerprint u64 | trainable values
+Uplink body:   num_samples u32 | train_loss f32 | fingerprint u64 | Δ values
+The values are one flat tensor in ``wire_dtype`` when the direction has no chain,
+else the chain's payload (``fedbits.compress``), which runs to the end of the body.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
+from fedbits.compress import Chain, ErrorFeedback, parse_chain
 from fedbits.data.batching import iterate_batches
-from fedbits.errors import ClientError, WireError
+from fedbits.errors import ClientError
 from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext
+from fedbits.runtime.setup import derive_seed
 from fedbits.server_opt import ServerOptOptions, apply_pseudo_gradient, make_server_optimizer
 from fedbits.train import local_train, make_optimizer
 from fedbits.wire import Direction, Layout, Reader, Writer, decode_message, encode_message
-from fedbits.wire.layout import read_tensors, write_tensors
+from fedbits.wire.layout import check_fingerprint, read_tensors, write_tensors
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DenseOptions(ServerOptOptions):
+    sparsifies_uplink: ClassVar[bool] = False  # True where the method adds its own top-k
     wire_dtype: WireDtype = Field(
-        "float32", description="value type on the wire, both directions"
+        "float32", description="value type on the wire, both directions, when no chain is set"
     )
+    uplink: list[str] = Field(
+        default_factory=list,
+        description="codec chain for the client's change, e.g. ['topk:1/16', 'int8', 'zstd']",
+    )
+    downlink: list[str] = Field(default_factory=list, description="codec chain for the weights sent down")
+    error_feedback: bool = Field(
+        False, description="the client adds what its uplink chain dropped last time to its next change"
+    )
+
+    @model_validator(mode="after")
+    def _chains_are_valid(self) -> "DenseOptions":
+        for field in ("uplink", "downlink"):
+            stages = getattr(self, field)
+            if stages and self.wire_dtype != "float32":
+                raise ValueError(f"set the value format in method.{field} or method.wire_dtype, not both")
+            parse_chain(stages, field=f"method.{field}")
+        if self.error_feedback and not (self.uplink or self.sparsifies_uplink):
+            raise ValueError("method.error_feedback needs a lossy method.uplink chain")
+        return self
 
 
 Prepare = Callable[[nn.Module], nn.Module]
+ChainPlan = Callable[[int, Direction], "Chain | None"]
+"""The codec chain for (round, direction); None sends plain ``wire_dtype`` values."""
+
+
+def chains_from_options(opts: DenseOptions) -> ChainPlan:
+    """The fixed per-direction chains of ``method.uplink`` / ``method.downlink``."""
+    up = parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
+    down = parse_chain(opts.downlink, field="method.downlink") if opts.downlink else None
+    return lambda round_, direction: up if direction == Direction.UP else down
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -52,13 +87,47 @@ class DenseUpdate(ClientUpdate):
 class _DenseHalf:
     """What both halves hold: the prepared model, its trainable tensors and their layout."""
 
-    def __init__(self, ctx: MethodContext, prepare: Prepare) -> None:
+    def __init__(self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None) -> None:
         self.ctx = ctx
         self.name = ctx.cfg.method.name
         self.model = prepare(ctx.build_model())
         self.params = trainable_tensors(self.model)
         self.layout = Layout.of(self.params)
+        self.segments = [p.numel() for p in self.params.values()]
         self.wire_dtype = _DTYPES[ctx.options.wire_dtype]
+        self.chains = chains or chains_from_options(ctx.options)
+
+    def _write_values(
+        self, w: Writer, tensors: dict[str, torch.Tensor], chain: Chain | None,
+        generator: torch.Generator, feedback: ErrorFeedback | None = None,
+    ) -> None:
+        if chain is None:
+            write_tensors(w, self.layout, tensors, self.wire_dtype)
+            return
+        flat = self.layout.flatten(tensors, torch.float32)
+        w.u64(self.layout.fingerprint)
+        if feedback is not None:
+            w.raw(feedback.encode(chain, flat, segments=self.segments, generator=generator))
+        else:
+            w.raw(chain.encode(flat, segments=self.segments, generator=generator))
+
+    def _read_values(
+        self, r: Reader, chain: Chain | None, field: str
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The tensors, and for a sparse chain the flat indices that were sent."""
+        if chain is None:
+            return read_tensors(r, self.layout, self.wire_dtype, field), None
+        check_fingerprint(r.u64(f"{field}.fingerprint"), self.layout, field)
+        payload = r.raw(r.remaining, field)
+        if not chain.is_sparse:
+            flat = chain.decode(payload, numel=self.layout.numel, segments=self.segments, what=r.what)
+            return self.layout.unflatten(flat), None
+        indices, values = chain.decode_sparse(
+            payload, numel=self.layout.numel, segments=self.segments, what=r.what
+        )
+        flat = torch.zeros(self.layout.numel)
+        flat[indices] = values
+        return self.layout.unflatten(flat), indices
 
     def _open(self, payload: bytes, round_: int, direction: Direction, sender: str) -> Reader:
         body = decode_message(
@@ -73,21 +142,25 @@ class _DenseHalf:
 
 
 class DenseServer(_DenseHalf):
-    def __init__(self, ctx: MethodContext, prepare: Prepare) -> None:
-        super().__init__(ctx, prepare)
+    def __init__(self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None) -> None:
+        super().__init__(ctx, prepare, chains)
         self.optimizer = make_server_optimizer(list(self.params.values()), ctx.options)
+        self._sent: tuple[int, bytes] | None = None  # (round, downlink): one encoding per round
 
     def downlink(self, round_: int, client: int) -> bytes:
-        w = Writer()
-        write_tensors(w, self.layout, self.params, self.wire_dtype)
-        return encode_message(self.name, round_, Direction.DOWN, w.getvalue())
+        if self._sent is None or self._sent[0] != round_:
+            w = Writer()
+            gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.run.seed, "downlink", round_))
+            self._write_values(w, self.params, self.chains(round_, Direction.DOWN), gen)
+            self._sent = (round_, encode_message(self.name, round_, Direction.DOWN, w.getvalue()))
+        return self._sent[1]
 
     def decode_uplink(self, round_: int, client: int, payload: bytes) -> DenseUpdate:
         sender = f"client {client} uplink"
         r = self._open(payload, round_, Direction.UP, sender)
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
-        delta = read_tensors(r, self.layout, self.wire_dtype, "delta")
+        delta, _ = self._read_values(r, self.chains(round_, Direction.UP), "delta")
         r.finish()
         if num_samples == 0:
             raise ClientError(f"{sender}: reports zero training samples")
@@ -106,6 +179,7 @@ class DenseServer(_DenseHalf):
                 acc.add_(u.delta[name].float(), alpha=u.num_samples / total)
             means.append(acc)
         apply_pseudo_gradient(self.optimizer, list(self.params.values()), means)
+        self._sent = None
 
     def global_model(self) -> nn.Module:
         return self.model
@@ -127,7 +201,18 @@ class DenseServer(_DenseHalf):
 
 
 class DenseClient(_DenseHalf):
-    """One working model, reused for every client this process simulates."""
+    """One working model, reused for every client this process simulates.
+
+    ``train_received_only``: with a sparse downlink, train only the positions that
+    came down and keep the rest at zero (the pruning-style sparse-LoRA baseline).
+    """
+
+    def __init__(
+        self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None,
+        train_received_only: bool = False,
+    ) -> None:
+        super().__init__(ctx, prepare, chains)
+        self.train_received_only = train_received_only
 
     def update(
         self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
@@ -135,7 +220,7 @@ class DenseClient(_DenseHalf):
         if not data.items:
             raise ClientError(f"client {client} has no training data")
         r = self._open(downlink, round_, Direction.DOWN, f"downlink to client {client}")
-        received = read_tensors(r, self.layout, self.wire_dtype, "weights")
+        received, sent_indices = self._read_values(r, self.chains(round_, Direction.DOWN), "weights")
         r.finish()
         with torch.no_grad():
             for name, p in self.params.items():
@@ -147,9 +232,30 @@ class DenseClient(_DenseHalf):
         gen = torch.Generator().manual_seed(data.seed)
         batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps, gen, data.pad_id)
         optimizer = make_optimizer(list(self.params.values()), cfg)
-        loss = local_train(self.model, batches, optimizer)
+        after_step = None
+        if self.train_received_only and sent_indices is not None:
+            after_step = self._keep_only(sent_indices)
+        loss = local_train(self.model, batches, optimizer, after_step=after_step)
 
         delta = {n: p.detach() - start[n] for n, p in self.params.items()}
         w = Writer().u32(data.num_samples).f32(loss)
-        write_tensors(w, self.layout, delta, self.wire_dtype)
+        chain = self.chains(round_, Direction.UP)
+        feedback = None
+        if chain is not None and self.ctx.options.error_feedback:
+            feedback = ErrorFeedback(store, f"{self.name}-residual", self.layout.numel)
+        up_gen = torch.Generator().manual_seed(derive_seed(data.seed, "uplink"))
+        self._write_values(w, delta, chain, up_gen, feedback)
         return encode_message(self.name, round_, Direction.UP, w.getvalue())
+
+    def _keep_only(self, indices: torch.Tensor) -> Callable[[], None]:
+        """A step hook that zeroes every trainable position not in ``indices``."""
+        flat = torch.zeros(self.layout.numel, dtype=torch.bool)
+        flat[indices] = True
+        masks = self.layout.unflatten(flat)
+
+        @torch.no_grad()
+        def zero_the_rest() -> None:
+            for name, p in self.params.items():
+                p.masked_fill_(~masks[name], 0.0)
+
+        return zero_the_rest

@@ -68,14 +68,17 @@ def write_tensors(
     w.u64(layout.fingerprint).tensor(layout.flatten(tensors, dtype))
 
 
-def read_tensors(
-    r: Reader, layout: Layout, dtype: torch.dtype, field: str = "tensors"
-) -> dict[str, torch.Tensor]:
-    fp = r.u64(field + ".fingerprint")
+def check_fingerprint(fp: int, layout: Layout, field: str) -> None:
     if fp != layout.fingerprint:
         raise WireError(
             f"{field}: layout fingerprint {fp:#x} differs from this side's {layout.fingerprint:#x} "
             "(different model, LoRA settings or method options)"
         )
+
+
+def read_tensors(
+    r: Reader, layout: Layout, dtype: torch.dtype, field: str = "tensors"
+) -> dict[str, torch.Tensor]:
+    check_fingerprint(r.u64(field + ".fingerprint"), layout, field)
     flat = r.tensor(field, count=layout.numel, dtype=dtype)
     return layout.unflatten(flat)

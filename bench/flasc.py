@@ -1,0 +1,127 @@
+"""FLASC against FedIT: bytes per client per round and held-out quality.
+
+Runs ``examples/flasc.toml``'s setting (``smollm2-135m``, ``builtin:tasks``, same
+seed, same clients, same rounds, same LoRA and server optimizer) with ``fedit``
+(dense adapters both ways) and with ``flasc`` at densities 1/4, 1/16 and 1/64 (both
+directions), plus ``flasc`` at 1/64 without error feedback. Bytes come from the
+ledger (every index and framing byte included). Also times the codec chains on an
+adapter-sized vector to report compression's share of a client's round.
+
+With ``--t0`` (when ``../shared/data/t0`` exists) the same runs use one T0 task per
+client from ``t0/train`` and Rouge-L on ``t0/heldout``.
+
+Writes ``bench/results/flasc.json`` (or ``flasc_t0.json``).
+
+    python bench/flasc.py [--rounds 3] [--t0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+from fedbits.compress import parse_chain
+from fedbits.config import Config, validate_references
+from fedbits.runtime import run_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+T0 = REPO.parent / "shared" / "data" / "t0"
+LORA = ("lora_r", "lora_alpha", "target_modules", "server_opt")
+
+
+def runs() -> dict[str, dict]:
+    """Method sections by run name (the example's LoRA settings in every one)."""
+    flasc = {"name": "flasc", "uplink": ["fp16", "zstd"], "downlink": ["fp16"], "error_feedback": True}
+    out = {"fedit": {"name": "fedit"}}
+    for label, density in (("1/4", 0.25), ("1/16", 0.0625), ("1/64", 0.015625)):
+        out[f"flasc {label}"] = {**flasc, "density_up": density, "density_down": density}
+    out["flasc 1/64 no error feedback"] = {**out["flasc 1/64"], "error_feedback": False}
+    return out
+
+
+def summarise(run_dir: Path) -> dict:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_client: dict[tuple[int, int], int] = {}
+    up = down = 0
+    for line in (run_dir / "ledger.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        per_client[(m["round"], m["client"])] = per_client.get((m["round"], m["client"]), 0) + m["bytes"]
+        up += m["bytes"] if m["direction"] == "up" else 0
+        down += m["bytes"] if m["direction"] == "down" else 0
+    n = len(per_client)
+    trained = rows[1:]
+    return {
+        "bytes_per_client_round": sum(per_client.values()) / n,
+        "up_per_client_round": up / n,
+        "down_per_client_round": down / n,
+        "seconds_per_client": sum(r["train_seconds"] for r in trained) / sum(len(r["clients"]) for r in trained),
+        "eval": [{k: v for k, v in r.items() if k.startswith("eval_")} for r in rows],
+        "rejected": sum(len(r["rejected"]) for r in rows),
+    }
+
+
+def codec_seconds(numel: int, up: list[str], down: list[str]) -> float:
+    """Median seconds a client spends in codecs: decode the downlink, encode + check the uplink."""
+    x = torch.randn(numel)
+    gen = torch.Generator().manual_seed(0)
+    up_chain, down_chain = parse_chain(up, field="up"), parse_chain(down, field="down")
+    down_payload = down_chain.encode(x, generator=gen)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        down_chain.decode_sparse(down_payload, numel=numel, what="bench")
+        payload = up_chain.encode(x, generator=gen)
+        up_chain.decode(payload, numel=numel, what="bench")  # error feedback decodes its own payload
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--t0", action="store_true", help="one T0 task per client, Rouge-L")
+    args = parser.parse_args()
+    base = tomllib.loads((REPO / "examples" / "flasc.toml").read_text())
+    base["run"]["rounds"] = args.rounds
+    if args.t0:
+        if not T0.is_dir():
+            raise SystemExit(f"{T0} is absent: the T0 comparison needs the shared data")
+        base["data"] = {"source": str(T0 / "train"), "partition": "natural", "partition_by": "task",
+                        "eval_source": str(T0 / "heldout"), "max_examples": 2000}
+        base["eval"]["metrics"] = ["loss", "rougeL"]
+        base["eval"]["max_new_tokens"] = 32
+    out: dict = {"setting": {k: base[k] for k in ("run", "model", "data", "clients", "eval")},
+                 "lora": {k: base["method"][k] for k in LORA}, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, method in runs().items():
+            raw = {**base, "run": {**base["run"], "out_dir": tmp, "name": name.replace(" ", "_").replace("/", "-")},
+                   "method": {**method, **{k: base["method"][k] for k in LORA}}}
+            cfg = Config.model_validate(raw)
+            validate_references(cfg)
+            print(f"== {name}", flush=True)
+            out["runs"][name] = summarise(run_experiment(cfg, log=print))
+    dense = out["runs"]["fedit"]["bytes_per_client_round"]
+    for name, r in out["runs"].items():
+        r["bytes_vs_fedit"] = dense / r["bytes_per_client_round"]
+    # compression's share of a client's round, on a vector the size of the adapter
+    numel = round((out["runs"]["fedit"]["up_per_client_round"] - 64) / 4)
+    for label, density in (("1/16", 0.0625), ("1/64", 0.015625)):
+        seconds = codec_seconds(numel, [f"topk:{density}", "fp16", "zstd"], [f"topk:{density}", "fp16"])
+        per_client = out["runs"][f"flasc {label}"]["seconds_per_client"]
+        out["runs"][f"flasc {label}"]["codec_seconds"] = seconds
+        out["runs"][f"flasc {label}"]["codec_share_of_client_round"] = seconds / per_client
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / ("flasc_t0.json" if args.t0 else "flasc.json")
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Update compression: codec chains that shrink what clients and server send.
+
+A chain is a list of stage strings, e.g. ``["topk:1/16", "int8", "zstd"]``: at most
+one sparsifier (which positions travel), one value format (how each value is
+written) and optionally zstd, in that order. Every payload is framed with a version,
+a chain fingerprint and a CRC-32, so a corrupted payload, or one decoded with another
+chain or for another vector length, is a :class:`~fedbits.errors.WireError`, never a
+silently wrong tensor. See ``docs/compress.md`` for each stage's wire cost and error
+bound.
+
+    chain = parse_chain(["topk:1/16", "int8", "zstd"], field="method.uplink")
+    payload = chain.encode(x, segments=sizes, generator=gen)
+    y = chain.decode(payload, numel=x.numel(), segments=sizes, what="client 3 uplink")
+"""
+
+from fedbits.compress.chain import Chain, parse_chain
+from fedbits.compress.feedback import ErrorFeedback
+
+__all__ = ["Chain", "ErrorFeedback", "parse_chain"]

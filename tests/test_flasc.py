@@ -1,0 +1,140 @@
+"""Sparse federated LoRA (flasc) and codec chains on the dense methods, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedbits.config import load_config
+from fedbits.errors import ConfigError
+from fedbits.methods import ClientData, get_method
+from fedbits.runtime import run_experiment
+from fedbits.runtime.setup import prepare_run
+from fedbits.runtime.store import ClientStores
+from fedbits.wire import Direction
+
+from conftest import TINY
+
+FLASC = ["method.name=flasc", "method.lora_r=4", "clients.local_steps=4"]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def _ledger(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+
+
+def _mean_bytes(run_dir: Path, direction: str) -> float:
+    rows = [r["bytes"] for r in _ledger(run_dir) if r["direction"] == direction]
+    return sum(rows) / len(rows)
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted((run_dir / "final").glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_flasc_sends_a_fraction_of_fedit_bytes_and_learns(tiny_overrides):
+    common = tiny_overrides + ["run.rounds=2", "method.lora_r=4", "clients.local_steps=4",
+                               "eval.metrics=['loss']"]
+    fedit = run_experiment(load_config(TINY, common + ["run.name=fedit"]), log=_quiet)
+    flasc = run_experiment(load_config(TINY, common + [
+        "run.name=flasc", "method.name=flasc", "method.density_up=0.0625",
+        "method.density_down=0.0625", "method.server_opt=avg", "method.server_lr=1.0",
+    ]), log=_quiet)
+    for direction in ("up", "down"):
+        ratio = _mean_bytes(fedit, direction) / _mean_bytes(flasc, direction)
+        assert ratio > 4, (direction, ratio)  # 16x fewer values, minus index and framing bytes
+    rows = [json.loads(x) for x in (flasc / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert not any(r["rejected"] for r in rows)
+
+
+def _halves(tiny_overrides: list[str], extra: list[str]):
+    cfg = load_config(TINY, tiny_overrides + FLASC + extra)
+    setup = prepare_run(cfg, _quiet)
+    ctx = setup.method_context()
+    spec = get_method("flasc")
+    items, _ = setup.tokenize(setup.clients[0])
+    return spec.server(ctx), spec.client(ctx), ClientData(items, setup.pad_id, seed=7), setup
+
+
+def test_downlink_is_the_global_top_k_and_client_freeze_keeps_the_mask(tiny_overrides, tmp_path):
+    server, client, data, _ = _halves(tiny_overrides, [
+        "method.density_down=0.25", "method.density_up=1.0", "method.client_freeze=true"])
+    with torch.no_grad():  # B as large as A, so the top-k mixes both (B = 0 would freeze all)
+        for p in server.params.values():
+            p.copy_(torch.randn_like(p))
+    flat = server.layout.flatten(server.params, torch.float32)
+    k = int(0.25 * flat.numel())
+    want = set(flat.abs().topk(k).indices.tolist())
+    stores = ClientStores(tmp_path / "store")
+    up = client.update(1, 0, server.downlink(1, 0), data, stores.for_client(0, 1))
+    update = server.decode_uplink(1, 0, up)
+    delta = server.layout.flatten(update.delta, torch.float32)
+    moved = set(torch.nonzero(delta).flatten().tolist())
+    assert moved and moved <= want  # client_freeze: only received positions change
+    trained = server.layout.flatten(client.params, torch.float32)
+    outside = torch.ones_like(trained, dtype=torch.bool)
+    outside[list(want)] = False
+    assert torch.all(trained[outside] == 0)  # zero-filled and kept at zero
+
+
+def test_freeze_a_sends_only_b(tiny_overrides):
+    server, _, _, _ = _halves(tiny_overrides, ["method.freeze_a=true"])
+    names = server.layout.names
+    assert names and all("lora_B" in n for n in names)
+
+
+def test_density_decays_on_schedule(tiny_overrides):
+    cfg = load_config(TINY, tiny_overrides + FLASC + [
+        "method.density_up=0.5", "method.density_decay=0.5", "method.decay_every=2"])
+    opts = get_method("flasc").options.model_validate(cfg.method.options())
+    assert [opts.density(r, Direction.UP) for r in (1, 2, 3, 4, 5)] == [0.5, 0.5, 0.25, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedit"])
+def test_codec_chains_on_dense_methods(tiny_overrides, method):
+    common = tiny_overrides + [f"method.name={method}", "run.rounds=2", "eval.metrics=['loss']"]
+    plain = run_experiment(load_config(TINY, common + ["run.name=plain"]), log=_quiet)
+    packed = run_experiment(load_config(TINY, common + [
+        "run.name=packed", "method.uplink=['topk:0.25','int8','zstd']", "method.downlink=['fp16']",
+        "method.error_feedback=true",
+    ]), log=_quiet)
+    assert _mean_bytes(packed, "up") < _mean_bytes(plain, "up") / 4
+    assert _mean_bytes(packed, "down") < _mean_bytes(plain, "down") * 0.51
+    rows = [json.loads(x) for x in (packed / "metrics.jsonl").read_text().splitlines()]
+    assert not any(r["rejected"] for r in rows)
+    assert all(torch.isfinite(t).all() for t in _final(packed).values())
+
+
+def test_flasc_with_error_feedback_resumes_bit_identically(tmp_path):
+    common = [f"run.out_dir={tmp_path}", *FLASC, "method.error_feedback=true",
+              "method.uplink=['int8']", "eval.metrics=['loss']", "method.density_up=0.125"]
+    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]), log=_quiet)
+    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=_quiet)
+    resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=4"]),
+                             resume=True, log=_quiet)
+    want, got = _final(straight), _final(resumed)
+    assert want and all(torch.equal(want[k], got[k]) for k in want)
+    assert (straight / "ledger.jsonl").read_text() == (resumed / "ledger.jsonl").read_text()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.name=flasc", "method.uplink=['topk:0.1']"], "flasc chooses the positions"),
+    (["method.name=fedavg", "method.error_feedback=true"], "error_feedback needs"),
+    (["method.name=fedit", "method.uplink=['int9']"], "method.uplink"),
+    (["method.name=fedit", "method.uplink=['fp16']", "method.wire_dtype=float16"], "not both"),
+    (["method.name=flasc", "method.density_up=0"], "density_up"),
+])
+def test_bad_compression_options_are_config_errors(tiny_overrides, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, tiny_overrides + overrides)
