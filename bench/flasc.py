@@ -87,9 +87,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--t0", action="store_true", help="one T0 task per client, Rouge-L")
+    parser.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke run")
     args = parser.parse_args()
     base = tomllib.loads((REPO / "examples" / "flasc.toml").read_text())
     base["run"]["rounds"] = args.rounds
+    base["eval"]["every"] = args.rounds  # round 0 and the last: what the comparison needs
+    base["model"]["name"] = args.model
     if args.t0:
         if not T0.is_dir():
             raise SystemExit(f"{T0} is absent: the T0 comparison needs the shared data")
@@ -118,7 +121,7 @@ def main() -> None:
         out["runs"][f"flasc {label}"]["codec_seconds"] = seconds
         out["runs"][f"flasc {label}"]["codec_share_of_client_round"] = seconds / per_client
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("flasc_t0.json" if args.t0 else "flasc.json")
+    path = RESULTS / f"flasc{'_t0' if args.t0 else ''}{'' if args.model == 'smollm2-135m' else '_' + args.model}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
