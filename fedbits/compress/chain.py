@@ -35,7 +35,11 @@ import torch
 import zstandard
 
 from fedbits.compress.indices import decode_indices, encode_indices
-from fedbits.compress.sparsify import random_positions, segment_topk_positions, topk_positions
+from fedbits.compress.sparsify import (
+    random_positions,
+    segment_topk_positions,
+    topk_positions,
+)
 from fedbits.compress.stages import Sparsifier, Stages, ValueFormat, Zstd, parse_stages
 from fedbits.compress.values import decode_values, encode_values, value_bytes
 from fedbits.errors import WireError
@@ -119,7 +123,7 @@ class Chain:
                 else:
                     idx = segment_topk_positions(flat.numpy(), segs or [], sparsifier)
                 positions.append(encode_indices(idx, n))
-            sent = flat[torch.from_numpy(idx)]
+            sent = torch.from_numpy(flat.numpy()[idx])
         body = [*positions, *encode_values(self._values, sent, generator)]
         frame: list[bytes | np.ndarray] = [self._head]
         if self._zstd is None:
@@ -150,9 +154,9 @@ class Chain:
         idx, values = self._decode(payload, numel, segments, what)
         if idx is None:
             return values
-        out = torch.zeros(numel, dtype=torch.float32)
-        out[torch.from_numpy(idx)] = values
-        return out
+        out = np.zeros(numel, dtype=np.float32)  # numpy: lazily zeroed, 4x torch.zeros here
+        out[idx] = values.numpy()
+        return torch.from_numpy(out)
 
     def decode_sparse(
         self,
@@ -204,21 +208,20 @@ class Chain:
                     raise WireError(
                         f"{what}: field body_coding: {coding} is neither raw (0) nor zstd (1)"
                     )
-            r = Reader(body, what)
-            out = self._read_body(r, n, segs, what)
-            r.finish()
-            return out
+            return self._read_body(body, n, segs, what)
         except (ValueError, IndexError, OverflowError, RuntimeError) as e:
             # The checks above are meant to leave nothing for these to catch; if a
             # crafted payload still reaches one, it is the sender's fault, not a crash.
             raise WireError(f"{what}: malformed payload: {e}") from None
 
     def _read_body(
-        self, r: Reader, n: int, segs: list[int] | None, what: str
+        self, body: memoryview, n: int, segs: list[int] | None, what: str
     ) -> tuple[np.ndarray | None, torch.Tensor]:
+        """Positions, then the values: everything after the positions, read in place."""
         sparsifier = self._sparsifier
         if sparsifier is None:
-            return None, decode_values(self._values, r, n, what)
+            return None, decode_values(self._values, body, n, what)
+        r = Reader(body, what)
         expected = self._count(n, segs)
         if sparsifier.kind == "randk":
             idx = random_positions(r.u64("seed"), n, expected)
@@ -230,7 +233,8 @@ class Chain:
                 )
             if sparsifier.kind == "topk_tensor":
                 self._check_per_segment(idx, segs or [], what)
-        return idx, decode_values(self._values, r, idx.size, what)
+        values = body[len(body) - r.remaining :]
+        return idx, decode_values(self._values, values, idx.size, what)
 
     def _check_per_segment(self, idx: np.ndarray, segs: list[int], what: str) -> None:
         bounds = np.searchsorted(idx, np.cumsum([0, *segs]))

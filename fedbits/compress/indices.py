@@ -8,7 +8,7 @@ and writes the smallest, after a tag byte naming it. Sizes in bytes for c positi
 out of n (``leb(v)``: LEB128 length of v, 1 byte below 128)::
 
     bitmask      1 + ceil(n / 8)
-    delta-varint 1 + leb(B) + B,  B = Σ leb(gap_i), gap_0 = i_0, gap_i = i_i − i_(i−1) − 1
+    delta-varint 1 + leb(V) + V,  V = Σ leb(gap_j), gap_0 = i_0, gap_j = i_j − i_(j−1) − 1
     Elias–Fano   1 + leb(c) + ceil(c·l / 8) + ceil((c + ((n − 1) >> l)) / 8),
                  l = floor(log2(n / c)) (0 when c ≥ n)
 
@@ -46,7 +46,10 @@ def leb128_lengths(values: np.ndarray) -> np.ndarray:
     v = np.asarray(values, dtype=np.uint64)
     lengths = np.ones(v.shape, dtype=np.int64)
     for group in range(1, _MAX_VARINT_BYTES):
-        lengths += v >= np.uint64(1 << (7 * group))
+        longer = v >= np.uint64(1 << (7 * group))
+        if not longer.any():  # gaps rarely need more than two or three groups
+            break
+        lengths += longer
     return lengths
 
 
@@ -157,11 +160,14 @@ def _check(indices: np.ndarray, n: int) -> np.ndarray:
 
 
 def _pack_low_bits(values: np.ndarray, bits: int) -> bytes:
-    """The low ``bits`` bits of each value, LSB first, one little-endian bit stream."""
-    if bits == 0:
-        return b""
-    octets = values.astype("<u8").view(np.uint8).reshape(-1, 8)[:, : -(-bits // 8)]
-    stream = np.unpackbits(octets, axis=1, bitorder="little")[:, :bits]
+    """The low ``bits`` bits of each value, LSB first, one little-endian bit stream.
+
+    One pass per bit (``bits`` is small: c·2^bits <= n) beats packbits along rows.
+    """
+    v = values.astype(np.uint64, copy=False)
+    stream = np.empty((v.size, bits), dtype=np.uint8)
+    for bit in range(bits):
+        stream[:, bit] = (v >> np.uint64(bit)) & np.uint64(1)
     return np.packbits(stream.reshape(-1), bitorder="little").tobytes()
 
 
@@ -208,13 +214,11 @@ def _bits(data: bytes, length: int, what: str, field: str) -> np.ndarray:
 
 
 def _unpack_low_bits(data: bytes, count: int, bits: int, what: str) -> np.ndarray:
-    if bits == 0:
-        return np.zeros(count, dtype=np.uint64)
     stream = _bits(data, count * bits, what, "indices.low_bits").reshape(count, bits)
-    columns = np.packbits(stream, axis=1, bitorder="little")
-    octets = np.zeros((count, 8), np.uint8)
-    octets[:, : columns.shape[1]] = columns
-    return octets.view("<u8").reshape(count)
+    low = np.zeros(count, dtype=np.uint64)
+    for bit in range(bits):
+        low |= stream[:, bit].astype(np.uint64) << np.uint64(bit)
+    return low
 
 
 def _validated(idx: np.ndarray, n: int, what: str) -> np.ndarray:

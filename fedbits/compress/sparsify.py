@@ -32,7 +32,8 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 def topk_positions(x: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k largest |x|, ties at the threshold broken by lowest position.
 
-    O(n) introselect (np.partition) for the threshold, then two vectorised passes.
+    O(n) introselect (np.partition) for the threshold, then one pass to select; a
+    second pass only when values tie at the threshold.
     """
     n = x.size
     if k >= n:
@@ -41,10 +42,11 @@ def topk_positions(x: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     magnitude = np.abs(x)
     threshold = np.partition(magnitude, n - k)[n - k]
-    keep = magnitude > threshold
-    missing = k - int(np.count_nonzero(keep))
-    if missing:
-        keep[np.flatnonzero(magnitude == threshold)[:missing]] = True
+    keep = magnitude >= threshold
+    surplus = int(np.count_nonzero(keep)) - k
+    if surplus:  # ties at the threshold: the highest positions among them stay behind
+        ties = np.flatnonzero(magnitude == threshold)
+        keep[ties[ties.size - surplus :]] = False
     return np.flatnonzero(keep).astype(np.int64, copy=False)
 
 

@@ -95,11 +95,10 @@ class _BadStage(Exception):
 
 def _density(text: str) -> Fraction:
     try:
-        value = Fraction(text.strip())
-    except (ValueError, ZeroDivisionError):
-        raise _BadStage(f"density {text!r} is not a number or fraction") from None
-    # Normalise through the shortest float repr: the exact value the spec string shows.
-    value = Fraction(repr(float(value)))
+        # Normalise through the shortest float repr: the exact value the spec string shows.
+        value = Fraction(repr(float(Fraction(text.strip()))))
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise _BadStage(f"density {text!r} is not a number or fraction in (0, 1]") from None
     if not 0 < value <= 1:
         raise _BadStage(f"density {text!r} must lie in (0, 1]")
     return value

@@ -33,7 +33,6 @@ import torch
 
 from fedbits.compress.stages import ValueFormat
 from fedbits.errors import WireError
-from fedbits.wire import Reader
 
 FP16_MAX = 65504.0
 _QMAX = {"int8": 127, "int4": 7}
@@ -133,11 +132,9 @@ def encode_values(
 
 
 def _peak(v: torch.Tensor) -> float:
-    """max |v| (0 for no values); aminmax is one fast pass, abs().max() two slow ones."""
-    if not v.numel():
-        return 0.0
-    low, high = torch.aminmax(v)
-    return max(-float(low), float(high))
+    """max |v| (0 for no values), without materialising |v|."""
+    a = v.numpy()
+    return max(-float(a.min()), float(a.max())) if a.size else 0.0
 
 
 def _finite(values: np.ndarray, what: str, field: str) -> torch.Tensor:
@@ -146,29 +143,33 @@ def _finite(values: np.ndarray, what: str, field: str) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def decode_values(fmt: ValueFormat, r: Reader, count: int, what: str) -> torch.Tensor:
-    """Read ``count`` values written by :func:`encode_values`: float32, shape (count,)."""
+def decode_values(fmt: ValueFormat, data: memoryview, count: int, what: str) -> torch.Tensor:
+    """Decode ``count`` values from ``data``, exactly the bytes :func:`encode_values`
+    wrote (read in place, not copied first): float32, shape (count,)."""
+    if len(data) != value_bytes(fmt, count):
+        raise WireError(
+            f"{what}: field values: {len(data)} bytes, but {count} values in {fmt} take "
+            f"{value_bytes(fmt, count)}"
+        )
     if fmt.name == "fp32":
-        raw = np.frombuffer(r.raw(4 * count, "values"), "<f4")
-        return _finite(raw.astype(np.float32), what, "values")
+        return _finite(np.frombuffer(data, "<f4").astype(np.float32), what, "values")
     if fmt.name == "fp16":
-        raw = np.frombuffer(r.raw(2 * count, "values"), "<f2")
-        return _finite(raw.astype(np.float32), what, "values")
+        return _finite(np.frombuffer(data, "<f2").astype(np.float32), what, "values")
     if fmt.name == "bf16":
-        raw = np.frombuffer(r.raw(2 * count, "values"), "<u2")
-        return _finite((raw.astype(np.uint32) << 16).view(np.float32), what, "values")
-    blocks = _blocks(count, fmt.block)
-    scale = np.frombuffer(r.raw(_SCALE_BYTES * blocks, "values.scales"), "<f4")
+        bits = np.frombuffer(data, "<u2").astype(np.uint32) << 16
+        return _finite(bits.view(np.float32), what, "values")
+    scale_bytes = _SCALE_BYTES * _blocks(count, fmt.block)
+    scale = np.frombuffer(data[:scale_bytes], "<f4")
     if not ((scale >= 0) & (scale <= _MAX_SCALE[fmt.name])).all():  # NaN fails too
         raise WireError(
             f"{what}: field values.scales: a scale is negative, too large or not finite"
         )
     if fmt.name == "int8":
-        codes = np.frombuffer(r.raw(count, "values.codes"), np.int8)
+        codes = np.frombuffer(data[scale_bytes:], np.int8)
         if (codes == -128).any():
             raise WireError(f"{what}: field values.codes: int8 code -128 is never written")
     else:
-        packed = np.frombuffer(r.raw(-(-count // 2), "values.codes"), np.uint8)
+        packed = np.frombuffer(data[scale_bytes:], np.uint8)
         nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)
         if nibbles[count:].any():
             raise WireError(f"{what}: field values.codes: the padding nibble is set")
