@@ -92,6 +92,8 @@ def main() -> None:
     base = tomllib.loads((REPO / "examples" / "flasc.toml").read_text())
     base["run"]["rounds"] = args.rounds
     base["eval"]["every"] = args.rounds  # round 0 and the last: what the comparison needs
+    if not args.t0:  # exact match is 0.00 at round 0 and generation dominates a run: compare held-out loss
+        base["eval"]["metrics"] = ["loss"]
     base["model"]["name"] = args.model
     if args.t0:
         if not T0.is_dir():
