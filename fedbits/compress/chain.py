@@ -44,6 +44,7 @@ from fedbits.compress.stages import Sparsifier, Stages, ValueFormat, Zstd, parse
 from fedbits.compress.values import decode_values, encode_values, value_bytes
 from fedbits.errors import WireError
 from fedbits.wire import Reader
+from fedbits.wire.codec import zstd_decompress_bounded
 
 FORMAT_VERSION = 1
 _RAW, _ZSTD = 0, 1
@@ -203,7 +204,8 @@ class Chain:
             if self._zstd is not None:
                 coding = data[head - 1]
                 if coding == _ZSTD:
-                    body = memoryview(_decompress(body, self._max_body(n, segs), what))
+                    bound = self._max_body(n, segs)
+                    body = memoryview(zstd_decompress_bounded(body, bound, what, "body.zstd"))
                 elif coding != _RAW:
                     raise WireError(
                         f"{what}: field body_coding: {coding} is neither raw (0) nor zstd (1)"
@@ -309,22 +311,3 @@ def _check_vector(x: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def _decompress(data: memoryview, bound: int, what: str) -> bytes:
-    """One zstd frame declaring at most ``bound`` bytes, nothing after it."""
-    field = "body.zstd"
-    try:
-        size = zstandard.frame_content_size(data)
-        if not 0 <= size <= bound:
-            raise WireError(
-                f"{what}: field {field}: declared size {size} is unknown or exceeds the "
-                f"{bound} bytes this chain can need"
-            )
-        stream = zstandard.ZstdDecompressor().decompressobj()
-        body = stream.decompress(data)  # libzstd refuses output beyond the declared size
-    except zstandard.ZstdError as e:
-        raise WireError(f"{what}: field {field}: {e}") from None
-    if not stream.eof or len(body) != size:
-        raise WireError(f"{what}: field {field}: incomplete frame ({len(body)} of {size} bytes)")
-    if stream.unused_data:
-        raise WireError(f"{what}: field {field}: {len(stream.unused_data)} bytes after the frame")
-    return body

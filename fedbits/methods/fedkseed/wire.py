@@ -46,6 +46,7 @@ import zstandard
 
 from fedbits.errors import WireError
 from fedbits.wire import Reader, Writer
+from fedbits.wire.codec import zstd_decompress_bounded
 
 ScalarDtype = Literal["float32", "float16", "bfloat16", "int8"]
 Layout = Literal["compact", "reference"]
@@ -345,26 +346,6 @@ def _body_bound(rep: int, pool_size: int, fmt: EntryFormat, max_count: int) -> i
     return header + pool_size * code_dtype.itemsize
 
 
-def _decompress(data: bytes, bound: int, what: str) -> bytes:
-    """One zstd frame, declaring a content size of at most ``bound``, nothing after it."""
-    field = "entries.zstd"
-    try:
-        size = zstandard.frame_content_size(data)
-        if not 0 <= size <= bound:
-            raise WireError(
-                f"{what}: field {field}: declared size {size} is unknown or exceeds {bound} bytes"
-            )
-        stream = zstandard.ZstdDecompressor().decompressobj()
-        body = stream.decompress(data)  # libzstd refuses output beyond the declared size
-    except zstandard.ZstdError as e:
-        raise WireError(f"{what}: field {field}: {e}") from None
-    if not stream.eof or len(body) != size:
-        raise WireError(f"{what}: field {field}: incomplete frame ({len(body)} of {size} bytes)")
-    if stream.unused_data:
-        raise WireError(f"{what}: field {field}: {len(stream.unused_data)} bytes after the frame")
-    return body
-
-
 def _read_rep(
     r: Reader, rep: int, pool_size: int, fmt: EntryFormat, what: str, max_count: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -431,7 +412,8 @@ def decode_entries(
         if not tag & _ZSTD:
             return _read_rep(r, rep, pool_size, fmt, what, max_count)
         bound = _body_bound(rep, pool_size, fmt, max_count)
-        body = Reader(_decompress(r.blob("entries.zstd"), bound, what), what)
+        blob = r.blob("entries.zstd")
+        body = Reader(zstd_decompress_bounded(blob, bound, what, "entries.zstd"), what)
         out = _read_rep(body, rep, pool_size, fmt, what, max_count)
         if body.remaining:
             raise WireError(
