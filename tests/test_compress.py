@@ -164,7 +164,7 @@ def test_round_trip_within_documented_bound(data):
     stages = data.draw(st.sampled_from(ALL_CHAINS))
     density = data.draw(st.sampled_from(["1/16", "0.3", "1", "0.001", "1/3"]))
     fp16 = "fp16" in stages
-    x, segs = data.draw(vectors(max_abs_exp=15 if fp16 else 120))
+    x, segs = data.draw(vectors(max_abs_exp=13 if fp16 else 120))  # 'ties' reach 3·2^exp < 65504
     chain = make_chain(stages, density)
     payload = chain.encode(x, segments=segs, generator=gen(data.draw(st.integers(0, 9))))
     idx, vals = chain.decode_sparse(payload, numel=x.numel(), segments=segs, what=WHAT)
