@@ -12,7 +12,7 @@ client from ``t0/train`` and Rouge-L on ``t0/heldout``.
 
 Writes ``bench/results/flasc.json`` (or ``flasc_t0.json``).
 
-    python bench/flasc.py [--rounds 3] [--t0]
+    python bench/flasc.py [--rounds 3] [--t0] [--only fedit 'flasc 1/16']
 """
 
 from __future__ import annotations
@@ -88,7 +88,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--t0", action="store_true", help="one T0 task per client, Rouge-L")
     parser.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke run")
+    parser.add_argument("--only", nargs="+", metavar="RUN", choices=list(runs()),
+                        help="run only these (e.g. --only fedit 'flasc 1/16' for a longer comparison)")
     args = parser.parse_args()
+    if args.only and "fedit" not in args.only:
+        parser.error("--only needs fedit: every figure is relative to it")
     base = tomllib.loads((REPO / "examples" / "flasc.toml").read_text())
     base["run"]["rounds"] = args.rounds
     base["eval"]["every"] = args.rounds  # round 0 and the last: what the comparison needs
@@ -98,14 +102,17 @@ def main() -> None:
     if args.t0:
         if not T0.is_dir():
             raise SystemExit(f"{T0} is absent: the T0 comparison needs the shared data")
+        tasks = len(list((T0 / "train").glob("*.jsonl*")))  # natural: one client per task file
         base["data"] = {"source": str(T0 / "train"), "partition": "natural", "partition_by": "task",
-                        "eval_source": str(T0 / "heldout"), "max_examples": 2000}
+                        "num_clients": tasks, "eval_source": str(T0 / "heldout"), "max_examples": 2000}
         base["eval"]["metrics"] = ["loss", "rougeL"]
         base["eval"]["max_new_tokens"] = 32
     out: dict = {"setting": {k: base[k] for k in ("run", "model", "data", "clients", "eval")},
                  "lora": {k: base["method"][k] for k in LORA}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, method in runs().items():
+            if args.only and name not in args.only:
+                continue
             raw = {**base, "run": {**base["run"], "out_dir": tmp, "name": name.replace(" ", "_").replace("/", "-")},
                    "method": {**method, **{k: base["method"][k] for k in LORA}}}
             cfg = Config.model_validate(raw)
@@ -118,12 +125,16 @@ def main() -> None:
     # compression's share of a client's round, on a vector the size of the adapter
     numel = round((out["runs"]["fedit"]["up_per_client_round"] - 64) / 4)
     for label, density in (("1/16", 0.0625), ("1/64", 0.015625)):
+        if f"flasc {label}" not in out["runs"]:
+            continue
         seconds = codec_seconds(numel, [f"topk:{density}", "fp16", "zstd"], [f"topk:{density}", "fp16"])
         per_client = out["runs"][f"flasc {label}"]["seconds_per_client"]
         out["runs"][f"flasc {label}"]["codec_seconds"] = seconds
         out["runs"][f"flasc {label}"]["codec_share_of_client_round"] = seconds / per_client
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"flasc{'_t0' if args.t0 else ''}{'' if args.model == 'smollm2-135m' else '_' + args.model}.json"
+    suffix = ("_t0" if args.t0 else "") + ("" if args.model == "smollm2-135m" else f"_{args.model}")
+    suffix += "" if args.rounds == 3 else f"_{args.rounds}rounds"
+    path = RESULTS / f"flasc{suffix}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 

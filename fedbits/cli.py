@@ -1,4 +1,4 @@
-"""The ``fedbits`` command line: run, report, compare, data, model, methods.
+"""The ``fedbits`` command line: run, report, compare, data, model, methods, flower.
 
 User errors (a :class:`~fedbits.errors.FedbitsError`) are printed as one clear
 message and exit with status 2; a traceback means a bug in fedbits.
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the registered methods")
     methods.add_argument("-v", "--verbose", action="store_true", help="show each method's options")
     methods.set_defaults(func=_cmd_methods)
+
+    from fedbits.runtime.flower.cli import add_flower_parser
+
+    add_flower_parser(sub)
     return p
 
 

@@ -95,8 +95,22 @@ class EvalSection(_Section):
 
 
 class RuntimeSection(_Section):
-    kind: Literal["simulation"] = "simulation"
+    kind: Literal["simulation", "flower"] = Field(
+        "simulation", description="'flower' runs on a Flower SuperLink and its SuperNodes"
+    )
     max_payload_mb: float = Field(4096.0, gt=0, description="reject payloads larger than this")
+    superlink: str | None = Field(
+        None, description="flower: the SuperLink connection, a [superlink.<name>] table in "
+        "$FLWR_HOME/config.toml (None: that file's default)"
+    )
+    round_timeout_s: float = Field(
+        600.0, gt=0, description="flower: how long the server waits for a round's replies; "
+        "a node that has not replied by then is recorded as missing"
+    )
+    node_wait_s: float = Field(
+        120.0, ge=0, description="flower: how long a round waits for SuperNodes serving its "
+        "sampled partitions to connect"
+    )
 
 
 class Config(_Section):

@@ -21,6 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.toml"
 
 
+def quiet(_msg: str) -> None:
+    """A run's ``log`` when a test does not read it."""
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine idle OpenMP
+    workers spinning against other jobs make them ten times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_data() -> Path:
     return Path(os.environ.get("FEDBITS_SHARED_DATA", REPO.parent / "shared" / "data"))
 

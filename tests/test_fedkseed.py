@@ -17,13 +17,9 @@ from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.simulation import Simulation
 from fedbits.wire import Writer, header_size
 
-from conftest import REPO
+from conftest import REPO, quiet
 
 EXAMPLE = REPO / "examples" / "fedkseed-tiny.toml"
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -33,7 +29,7 @@ def _rows(run_dir: Path) -> list[dict]:
 def _simulate(tmp_path: Path, *overrides: str, rounds: int = 4) -> Simulation:
     cfg = load_config(EXAMPLE, [f"run.out_dir={tmp_path}", f"run.rounds={rounds}", *overrides])
     (tmp_path / "sim").mkdir(parents=True)
-    sim = Simulation(prepare_run(cfg, _quiet), tmp_path / "sim", _quiet)
+    sim = Simulation(prepare_run(cfg, quiet), tmp_path / "sim", quiet)
     sim.run()
     return sim
 
@@ -60,7 +56,7 @@ def test_a_client_whose_replay_diverges_is_refused_then_resynced(tmp_path):
     cfg = load_config(EXAMPLE, [f"run.out_dir={tmp_path}", "run.rounds=4", "clients.per_round=6",
                                   "method.num_seeds=4096"])
     (tmp_path / "sim").mkdir()
-    sim = Simulation(prepare_run(cfg, _quiet), tmp_path / "sim", _quiet)
+    sim = Simulation(prepare_run(cfg, quiet), tmp_path / "sim", quiet)
     for round_ in (1, 2):
         sim.run_round(round_)
         sim._checkpoint(round_)
@@ -96,11 +92,11 @@ def test_uplink_and_downlink_bytes_follow_the_wire_format(tmp_path):
 
 def test_fedkseed_resume_is_bit_identical(tmp_path):
     common = [f"run.out_dir={tmp_path}", "eval.every=100"]
-    whole = run_experiment(load_config(EXAMPLE, common + ["run.name=whole", "run.rounds=4"]), log=_quiet)
+    whole = run_experiment(load_config(EXAMPLE, common + ["run.name=whole", "run.rounds=4"]), log=quiet)
     part = load_config(EXAMPLE, common + ["run.name=part", "run.rounds=2"])
-    run_experiment(part, log=_quiet)
+    run_experiment(part, log=quiet)
     resumed = run_experiment(load_config(EXAMPLE, common + ["run.name=part", "run.rounds=4"]),
-                             resume=True, log=_quiet)
+                             resume=True, log=quiet)
     from safetensors.torch import load_file
 
     want = load_file(whole / "final" / "model.safetensors")

@@ -17,13 +17,9 @@ from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
 from fedbits.wire import Direction
 
-from conftest import TINY
+from conftest import TINY, quiet
 
 FLASC = ["method.name=flasc", "method.lora_r=4", "clients.local_steps=4"]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _ledger(run_dir: Path) -> list[dict]:
@@ -45,11 +41,11 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_flasc_sends_a_fraction_of_fedit_bytes_and_learns(tiny_overrides):
     common = tiny_overrides + ["run.rounds=2", "method.lora_r=4", "clients.local_steps=4",
                                "eval.metrics=['loss']"]
-    fedit = run_experiment(load_config(TINY, common + ["run.name=fedit"]), log=_quiet)
+    fedit = run_experiment(load_config(TINY, common + ["run.name=fedit"]), log=quiet)
     flasc = run_experiment(load_config(TINY, common + [
         "run.name=flasc", "method.name=flasc", "method.density_up=0.0625",
         "method.density_down=0.0625", "method.server_opt=avg", "method.server_lr=1.0",
-    ]), log=_quiet)
+    ]), log=quiet)
     for direction in ("up", "down"):
         ratio = _mean_bytes(fedit, direction) / _mean_bytes(flasc, direction)
         assert ratio > 4, (direction, ratio)  # 16x fewer values, minus index and framing bytes
@@ -60,7 +56,7 @@ def test_flasc_sends_a_fraction_of_fedit_bytes_and_learns(tiny_overrides):
 
 def _halves(tiny_overrides: list[str], extra: list[str]):
     cfg = load_config(TINY, tiny_overrides + FLASC + extra)
-    setup = prepare_run(cfg, _quiet)
+    setup = prepare_run(cfg, quiet)
     ctx = setup.method_context()
     spec = get_method("flasc")
     items, _ = setup.tokenize(setup.clients[0])
@@ -101,14 +97,25 @@ def test_density_decays_on_schedule(tiny_overrides):
     assert [opts.density(r, Direction.UP) for r in (1, 2, 3, 4, 5)] == [0.5, 0.5, 0.25, 0.25, 0.125]
 
 
+@pytest.mark.parametrize(
+    ("extra", "lr"),
+    [([], 1e-3), (["method.server_opt='avg'"], 1.0), (["method.server_opt='fedyogi'"], 1.0),
+     (["method.server_opt='avg'", "method.server_lr=0.5"], 0.5)],
+)
+def test_server_lr_default_follows_the_server_optimizer(tiny_overrides, extra, lr):
+    """FLASC's Adam rate 1e-3 would make plain averaging move the adapter 1000× too little."""
+    cfg = load_config(TINY, tiny_overrides + FLASC + extra)
+    assert get_method("flasc").options.model_validate(cfg.method.options()).server_lr == lr
+
+
 @pytest.mark.parametrize("method", ["fedavg", "fedit"])
 def test_codec_chains_on_dense_methods(tiny_overrides, method):
     common = tiny_overrides + [f"method.name={method}", "run.rounds=2", "eval.metrics=['loss']"]
-    plain = run_experiment(load_config(TINY, common + ["run.name=plain"]), log=_quiet)
+    plain = run_experiment(load_config(TINY, common + ["run.name=plain"]), log=quiet)
     packed = run_experiment(load_config(TINY, common + [
         "run.name=packed", "method.uplink=['topk:0.25','int8','zstd']", "method.downlink=['fp16']",
         "method.error_feedback=true",
-    ]), log=_quiet)
+    ]), log=quiet)
     assert _mean_bytes(packed, "up") < _mean_bytes(plain, "up") / 4
     assert _mean_bytes(packed, "down") < _mean_bytes(plain, "down") * 0.51
     rows = [json.loads(x) for x in (packed / "metrics.jsonl").read_text().splitlines()]
@@ -119,10 +126,10 @@ def test_codec_chains_on_dense_methods(tiny_overrides, method):
 def test_flasc_with_error_feedback_resumes_bit_identically(tmp_path):
     common = [f"run.out_dir={tmp_path}", *FLASC, "method.error_feedback=true",
               "method.uplink=['int8']", "eval.metrics=['loss']", "method.density_up=0.125"]
-    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]), log=_quiet)
-    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=_quiet)
+    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]), log=quiet)
+    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=quiet)
     resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=4"]),
-                             resume=True, log=_quiet)
+                             resume=True, log=quiet)
     want, got = _final(straight), _final(resumed)
     assert want and all(torch.equal(want[k], got[k]) for k in want)
     assert (straight / "ledger.jsonl").read_text() == (resumed / "ledger.jsonl").read_text()

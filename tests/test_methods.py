@@ -20,11 +20,7 @@ from fedbits.data.batching import iterate_batches
 from fedbits.train import make_optimizer
 from fedbits.wire import Direction, Writer, encode_message, header_size
 
-from conftest import TINY
-
-
-def _quiet(_msg: str) -> None:
-    pass
+from conftest import TINY, quiet
 
 
 def test_registry_finds_builtin_methods():
@@ -34,8 +30,8 @@ def test_registry_finds_builtin_methods():
 
 def test_fedit_uplink_is_lora_params_times_width_plus_fixed_header(tiny_overrides):
     cfg = load_config(TINY, tiny_overrides + ["run.rounds=2"])
-    run_dir = run_experiment(cfg, log=_quiet)
-    setup = prepare_run(cfg, _quiet)
+    run_dir = run_experiment(cfg, log=quiet)
+    setup = prepare_run(cfg, quiet)
     server = get_method("fedit").server(setup.method_context())
     trainable, _ = server.model.get_nb_trainable_parameters()  # peft's own count
     # envelope + num_samples u32 + train_loss f32 + fingerprint u64 + dtype u8 + count u64
@@ -66,7 +62,7 @@ def test_fedavg_one_client_one_step_equals_centralized_step(tiny_overrides):
         "clients.per_round=1", "clients.local_steps=1", "clients.optimizer=sgd",
         "clients.lr=0.5", "clients.momentum=0.9",
     ])
-    setup = prepare_run(cfg, _quiet)
+    setup = prepare_run(cfg, quiet)
     ctx = setup.method_context()
     server, client = DenseServer(ctx, prepare_full), DenseClient(ctx, prepare_full)
     items, _ = setup.tokenize(setup.clients[0])
@@ -95,7 +91,7 @@ def test_fedavg_one_client_one_step_equals_centralized_step(tiny_overrides):
 
 def test_bad_uplinks_are_rejected_with_reasons(tiny_overrides):
     cfg = load_config(TINY, tiny_overrides + ["method.name=fedavg"])
-    setup = prepare_run(cfg, _quiet)
+    setup = prepare_run(cfg, quiet)
     server = get_method("fedavg").server(setup.method_context())
     n = server.layout.numel
     good = Writer().u32(5).f32(1.0).u64(server.layout.fingerprint).u8(1).u64(n)

@@ -14,7 +14,6 @@ else the chain's payload (``fedbits.compress``), which runs to the end of the bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
@@ -23,12 +22,18 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, ErrorFeedback, parse_chain
-from fedbits.data.batching import iterate_batches
 from fedbits.errors import ClientError
+from fedbits.methods._updates import (
+    DeltaUpdate,
+    check_change,
+    load_tensors,
+    tensors_state,
+    train_change,
+    weighted_change,
+)
 from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext
 from fedbits.runtime.setup import derive_seed
 from fedbits.server_opt import ServerOptOptions, apply_pseudo_gradient, make_server_optimizer
-from fedbits.train import local_train, make_optimizer
 from fedbits.wire import Direction, Layout, Reader, Writer, decode_message, encode_message
 from fedbits.wire.layout import check_fingerprint, read_tensors, write_tensors
 
@@ -77,11 +82,6 @@ def chains_from_options(opts: DenseOptions) -> ChainPlan:
 def trainable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters in a fixed order; tied weights appear once."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-@dataclass
-class DenseUpdate(ClientUpdate):
-    delta: dict[str, torch.Tensor]
 
 
 class _DenseHalf:
@@ -155,29 +155,19 @@ class DenseServer(_DenseHalf):
             self._sent = (round_, encode_message(self.name, round_, Direction.DOWN, w.getvalue()))
         return self._sent[1]
 
-    def decode_uplink(self, round_: int, client: int, payload: bytes) -> DenseUpdate:
+    def decode_uplink(self, round_: int, client: int, payload: bytes) -> DeltaUpdate:
         sender = f"client {client} uplink"
         r = self._open(payload, round_, Direction.UP, sender)
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
         delta, _ = self._read_values(r, self.chains(round_, Direction.UP), "delta")
         r.finish()
-        if num_samples == 0:
-            raise ClientError(f"{sender}: reports zero training samples")
-        for name, d in delta.items():
-            if not torch.isfinite(d).all():
-                raise ClientError(f"{sender}: non-finite values in the update of {name}")
-        return DenseUpdate(client, num_samples, train_loss, delta)
+        check_change(sender, num_samples, delta)
+        return DeltaUpdate(client, num_samples, train_loss, delta)
 
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None:
-        total = sum(u.num_samples for u in updates)
-        means = []
-        for name, p in self.params.items():
-            acc = torch.zeros_like(p, dtype=torch.float32)
-            for u in updates:
-                acc.add_(u.delta[name].float(), alpha=u.num_samples / total)
-            means.append(acc)
+        means = [weighted_change(updates, name, p) for name, p in self.params.items()]
         apply_pseudo_gradient(self.optimizer, list(self.params.values()), means)
         self._sent = None
 
@@ -185,15 +175,10 @@ class DenseServer(_DenseHalf):
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "params": {n: p.detach().clone() for n, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
-        }
+        return {"params": tensors_state(self.params), "optimizer": self.optimizer.state_dict()}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for n, p in self.params.items():
-            p.copy_(state["params"][n])
+        load_tensors(self.params, state["params"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     def save_final(self, path: Path) -> None:
@@ -225,26 +210,18 @@ class DenseClient(_DenseHalf):
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(received[name])
-        start = {n: p.detach().clone() for n, p in self.params.items()}
-
-        cfg = self.ctx.cfg.clients
-        torch.manual_seed(data.seed)  # dropout
-        gen = torch.Generator().manual_seed(data.seed)
-        batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps, gen, data.pad_id)
-        optimizer = make_optimizer(list(self.params.values()), cfg)
         after_step = None
         if self.train_received_only and sent_indices is not None:
             after_step = self._keep_only(sent_indices)
-        loss = local_train(self.model, batches, optimizer, after_step=after_step)
+        change = train_change(self.model, self.params, data, self.ctx.cfg.clients, after_step)
 
-        delta = {n: p.detach() - start[n] for n, p in self.params.items()}
-        w = Writer().u32(data.num_samples).f32(loss)
+        w = Writer().u32(data.num_samples).f32(change.loss)
         chain = self.chains(round_, Direction.UP)
         feedback = None
         if chain is not None and self.ctx.options.error_feedback:
             feedback = ErrorFeedback(store, f"{self.name}-residual", self.layout.numel)
         up_gen = torch.Generator().manual_seed(derive_seed(data.seed, "uplink"))
-        self._write_values(w, delta, chain, up_gen, feedback)
+        self._write_values(w, change.delta, chain, up_gen, feedback)
         return encode_message(self.name, round_, Direction.UP, w.getvalue())
 
     def _keep_only(self, indices: torch.Tensor) -> Callable[[], None]:

@@ -17,7 +17,7 @@ initialisation and moves only B (FFA-LoRA).
 from __future__ import annotations
 
 from functools import lru_cache, partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 from torch import nn
@@ -31,6 +31,9 @@ from fedbits.server_opt import ServerOptName
 from fedbits.wire import Direction
 
 
+FLASC_ADAM_LR = 1e-3
+
+
 class FlascOptions(FedITOptions):
     sparsifies_uplink: ClassVar[bool] = True
     density_up: float = Field(1 / 16, gt=0, le=1, description="ρ_u: fraction of the change sent up")
@@ -41,9 +44,20 @@ class FlascOptions(FedITOptions):
     freeze_a: bool = Field(False, description="FFA-LoRA: LoRA A stays at its initialisation")
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     server_opt: ServerOptName = "fedadam"
-    server_lr: float = Field(1e-3, gt=0)
+    server_lr: float = Field(
+        FLASC_ADAM_LR, gt=0, description="default: 1e-3 with fedadam (FLASC's setting), else 1.0"
+    )
     server_beta2: float = Field(0.999, ge=0, lt=1)
     server_eps: float = Field(1e-8, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _server_lr_follows_server_opt(cls, data: Any) -> Any:
+        """Adam's 1e-3 would shrink plain averaging 1000-fold: a user who picks another
+        server optimizer and no rate gets that optimizer's usual rate."""
+        if isinstance(data, dict) and "server_lr" not in data and data.get("server_opt", "fedadam") != "fedadam":
+            return {**data, "server_lr": 1.0}
+        return data
 
     @model_validator(mode="after")
     def _value_stages_only(self) -> "FlascOptions":

@@ -1,16 +1,22 @@
-"""Runtimes move payloads between a method's halves; the simulator is the default."""
+"""Runtimes move payloads between a method's halves; the simulator is the default.
+
+``runtime.kind = "flower"`` sends the same run to a Flower SuperLink instead (see
+:mod:`fedbits.runtime.flower`); both runtimes share :func:`prepare_dir` and
+:func:`execute`, so they leave the same run directory.
+"""
 
 from __future__ import annotations
 
 import shutil
 import tomllib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from fedbits.config import Config
 from fedbits.errors import ConfigError, FedbitsError
-from fedbits.runtime.setup import prepare_run
-from fedbits.runtime.simulation import CHECKPOINT, Simulation
+
+if TYPE_CHECKING:  # torch and the models load only when a run starts, not for `fedbits --help`
+    from fedbits.runtime.simulation import RoundLoop
 
 
 def _config_differences(saved: dict, current: dict) -> list[str]:
@@ -23,7 +29,10 @@ def _config_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
-def _prepare_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+def prepare_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Create (or check, to resume) ``cfg``'s run directory and save the config in it."""
+    from fedbits.runtime.simulation import CHECKPOINT
+
     run_dir = cfg.run_dir
     config_path = run_dir / "config.toml"
     if resume:
@@ -49,23 +58,31 @@ def _prepare_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def execute(loop: RoundLoop, *, resume: bool = False) -> Path:
+    """Run ``loop`` to its last round, then write the final model and the report."""
+    first = loop.resume() if resume else 1
+    loop.run(first)
+    final = loop.run_dir / "final"
+    loop.server.save_final(final)
+    loop.setup.tokenizer.save_pretrained(final)
+    from fedbits.report import write_report
+
+    report = write_report(loop.run_dir)
+    loop.log(f"done: final model in {final}, report in {report}")
+    return loop.run_dir
+
+
 def run_experiment(
     cfg: Config, *, resume: bool = False, overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run (or resume) ``cfg`` end to end; return the run directory."""
-    if cfg.runtime.kind != "simulation":
-        raise ConfigError(f"runtime.kind {cfg.runtime.kind!r} is not available in this build")
-    run_dir = _prepare_dir(cfg, resume, overwrite)
-    setup = prepare_run(cfg, log)
-    sim = Simulation(setup, run_dir, log)
-    first = sim.resume() if resume else 1
-    sim.run(first)
-    final = run_dir / "final"
-    sim.server.save_final(final)
-    setup.tokenizer.save_pretrained(final)
-    from fedbits.report import write_report
+    if cfg.runtime.kind == "flower":
+        from fedbits.runtime.flower.launch import launch
 
-    report = write_report(run_dir)
-    log(f"done: final model in {final}, report in {report}")
-    return run_dir
+        return launch(cfg, resume=resume, overwrite=overwrite, log=log)
+    from fedbits.runtime.setup import prepare_run
+    from fedbits.runtime.simulation import Simulation
+
+    run_dir = prepare_dir(cfg, resume, overwrite)
+    return execute(Simulation(prepare_run(cfg, log), run_dir, log), resume=resume)

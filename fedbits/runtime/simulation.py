@@ -1,9 +1,13 @@
-"""The embedded simulator: every client in this process, every message still bytes.
+"""The round loop every runtime shares, and the embedded simulator built on it.
 
 One round: sample clients (seeded by run seed and round, so a resumed run samples
-the same), move each downlink and uplink as encoded bytes through the ledger,
-reject bad clients without stopping the round, aggregate, evaluate, append a metrics
-row, checkpoint, then commit client-store writes.
+the same), let the runtime's :meth:`RoundLoop.exchange` deliver each chosen client's
+downlink and bring back its uplink (in this process for the simulator, over Flower
+for real nodes), record every payload that crossed in the ledger, reject bad clients
+without stopping the round, aggregate, evaluate, append a metrics row, checkpoint,
+then let the runtime commit the clients' store writes. Sampling, ledger, rejection,
+metrics and checkpoints live here once, so both runtimes produce the same run
+directory.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from fedbits.data.format import Tokenized
 from fedbits.errors import FedbitsError
 from fedbits.eval import evaluate
 from fedbits.methods import ClientData, ClientUpdate, get_method
@@ -42,6 +48,31 @@ def sample_clients(setup: RunSetup, round_: int) -> list[int]:
     return sorted(rng.sample(eligible, k))
 
 
+def client_data(setup: RunSetup, items: list[Tokenized], round_: int, client: int) -> ClientData:
+    """A client's data for one round; the seed depends only on (run seed, round, client),
+    so every runtime trains on the same batches."""
+    return ClientData(items, setup.pad_id, derive_seed(setup.cfg.run.seed, round_, client))
+
+
+def describe_error(e: Exception) -> str:
+    """The reason recorded when a client is rejected: a fedbits error speaks for itself,
+    anything else (a bug, a crash in a library) is named by its type."""
+    return str(e) if isinstance(e, FedbitsError) else f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class Reply:
+    """What came back from one client: its uplink, or why there is none."""
+
+    uplink: bytes | None = None
+    error: str = ""
+    stats: dict[str, float] = field(default_factory=dict)  # what the method measured
+
+
+Settle = Callable[[int, "bytes | None", Reply], None]
+"""``settle(client, downlink, reply)``: book one client's round (downlink None: none sent)."""
+
+
 def _summary_line(row: dict[str, Any], rounds: int) -> str:
     parts = [f"round {row['round']}/{rounds}"]
     if row["round"] > 0:
@@ -61,21 +92,42 @@ def _summary_line(row: dict[str, Any], rounds: int) -> str:
     return " | ".join(parts)
 
 
-class Simulation:
+class RoundLoop:
+    """A run's server side, whatever carries the bytes; runtimes implement :meth:`exchange`."""
+
     def __init__(self, setup: RunSetup, run_dir: Path, log: Callable[[str], None] = print) -> None:
         self.setup = setup
         self.cfg = setup.cfg
         self.run_dir = run_dir
         self.log = log
-        ctx = setup.method_context()
-        spec = get_method(self.cfg.method.name)
-        self.server = spec.server(ctx)
-        self.client = spec.client(ctx)
-        self.stores = ClientStores(run_dir / "client_store")
+        self.server = get_method(self.cfg.method.name).server(setup.method_context())
         self.metrics_path = run_dir / "metrics.jsonl"
         self.ledger = Ledger(run_dir / "ledger.jsonl")
         self.cum_bytes = 0
         self.show_progress = sys.stderr.isatty()
+
+    # -- what a runtime provides ----------------------------------------------------
+    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
+        """Deliver each client's downlink (:meth:`encode_downlink`) and pass what came
+        back to ``settle``, once per client, in the order of ``clients``.
+
+        The simulator settles a client before it encodes the next one's downlink, so a
+        round holds one downlink at a time; a distributed runtime sends them all first.
+        """
+        raise NotImplementedError
+
+    def encode_downlink(self, round_: int, client: int) -> bytes | Reply:
+        """The client's downlink, or (a bad client never stops the round) why there is none."""
+        try:
+            return self.server.downlink(round_, client)
+        except Exception as e:
+            return Reply(error=describe_error(e))
+
+    def commit_clients(self, round_: int) -> None:
+        """Round ``round_`` is checkpointed: the clients' store writes of it may commit."""
+
+    def recover_clients(self, round_: int) -> None:
+        """Resuming after ``round_``: keep the store writes up to it, drop later ones."""
 
     # -- resume -------------------------------------------------------------------
     def resume(self) -> int:
@@ -85,7 +137,7 @@ class Simulation:
         self.cum_bytes = ckpt.cum_bytes
         truncate_to(self.metrics_path, ckpt.file_sizes["metrics.jsonl"])
         truncate_to(self.ledger.path, ckpt.file_sizes["ledger.jsonl"])
-        self.stores.recover(ckpt.round)
+        self.recover_clients(ckpt.round)
         self.log(f"resumed after round {ckpt.round}")
         return ckpt.round + 1
 
@@ -98,38 +150,34 @@ class Simulation:
             self.run_dir / CHECKPOINT,
             Checkpoint(round_, self.server.state_dict(), sizes, self.cum_bytes),
         )
-        self.stores.commit(round_)
+        self.commit_clients(round_)
 
     # -- one round ----------------------------------------------------------------
-    def _client_round(self, round_: int, client: int, progress: tqdm) -> ClientUpdate:
-        examples = self.setup.clients[client]
-        items, _ = self.setup.tokenize(examples)
-        data = ClientData(items, self.setup.pad_id, derive_seed(self.cfg.run.seed, round_, client))
-        down = self.server.downlink(round_, client)
-        self.ledger.record(round_, client, "down", down)
-        up = self.client.update(round_, client, down, data, self.stores.for_client(client, round_))
-        self.ledger.record(round_, client, "up", up)
-        self._client_stats[str(client)] = dict(getattr(self.client, "last_stats", {}))
-        progress.update(1)
-        return self.server.decode_uplink(round_, client, up)
+    def _reject(self, round_: int, client: int, reason: str, rejected: dict[str, str]) -> None:
+        rejected[str(client)] = reason
+        self.log(f"round {round_}: client {client} rejected: {reason}")
 
     def run_round(self, round_: int) -> dict[str, Any]:
         start = time.perf_counter()
-        self._client_stats: dict[str, dict[str, float]] = {}
         chosen = sample_clients(self.setup, round_)
         updates: list[ClientUpdate] = []
         rejected: dict[str, str] = {}
-        with tqdm(
-            total=len(chosen), desc=f"round {round_}", unit="client",
-            disable=not self.show_progress, leave=False,
-        ) as progress:
-            for client in chosen:
-                try:
-                    updates.append(self._client_round(round_, client, progress))
-                except Exception as e:  # a bad client never stops the round
-                    reason = str(e) if isinstance(e, FedbitsError) else f"{type(e).__name__}: {e}"
-                    rejected[str(client)] = reason
-                    self.log(f"round {round_}: client {client} rejected: {reason}")
+        client_stats: dict[str, dict[str, float]] = {}
+
+        def settle(client: int, downlink: bytes | None, reply: Reply) -> None:
+            if downlink is not None:
+                self.ledger.record(round_, client, "down", downlink)
+            if reply.uplink is None:
+                self._reject(round_, client, reply.error, rejected)
+                return
+            self.ledger.record(round_, client, "up", reply.uplink)
+            client_stats[str(client)] = reply.stats
+            try:
+                updates.append(self.server.decode_uplink(round_, client, reply.uplink))
+            except Exception as e:  # a bad client never stops the round
+                self._reject(round_, client, describe_error(e), rejected)
+
+        self.exchange(round_, chosen, settle)
         if updates:
             self.server.aggregate(round_, updates)
         else:
@@ -154,7 +202,7 @@ class Simulation:
             ),
             "train_seconds": time.perf_counter() - start,
             # what a method measures inside its halves (e.g. FedKSeed's replay time)
-            "client_stats": self._client_stats,
+            "client_stats": client_stats,
             **dict(getattr(self.server, "last_stats", {}) if updates else {}),
         }
 
@@ -194,3 +242,41 @@ class Simulation:
             row.update(seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
             self._write_row(row)
             self._checkpoint(round_)
+
+
+class Simulation(RoundLoop):
+    """Every client in this process, one after another; every message still bytes."""
+
+    def __init__(self, setup: RunSetup, run_dir: Path, log: Callable[[str], None] = print) -> None:
+        super().__init__(setup, run_dir, log)
+        self.client = get_method(self.cfg.method.name).client(setup.method_context())
+        self.stores = ClientStores(run_dir / "client_store")
+
+    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
+        with tqdm(
+            total=len(clients), desc=f"round {round_}", unit="client",
+            disable=not self.show_progress, leave=False,
+        ) as progress:
+            for client in clients:
+                down = self.encode_downlink(round_, client)
+                if isinstance(down, Reply):
+                    settle(client, None, down)
+                else:
+                    settle(client, down, self._train(round_, client, down))
+                progress.update(1)
+
+    def _train(self, round_: int, client: int, downlink: bytes) -> Reply:
+        try:
+            items, _ = self.setup.tokenize(self.setup.clients[client])
+            data = client_data(self.setup, items, round_, client)
+            store = self.stores.for_client(client, round_)
+            uplink = self.client.update(round_, client, downlink, data, store)
+            return Reply(uplink, stats=dict(getattr(self.client, "last_stats", {})))
+        except Exception as e:  # a bad client never stops the round
+            return Reply(error=describe_error(e))
+
+    def commit_clients(self, round_: int) -> None:
+        self.stores.commit(round_)
+
+    def recover_clients(self, round_: int) -> None:
+        self.stores.recover(round_)

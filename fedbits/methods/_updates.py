@@ -1,0 +1,88 @@
+"""Weight changes, written once for every method that sends them.
+
+``fedavg``, ``fedit``, ``flasc``, ``partial`` and ``fedcybgd`` clients train some
+tensors and send their change; the servers refuse a change that cannot be trusted,
+average it with the others by sample count and keep their tensors in checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedbits.config import ClientsSection
+from fedbits.data.batching import iterate_batches
+from fedbits.errors import ClientError
+from fedbits.methods.base import ClientData, ClientUpdate
+from fedbits.train import local_train, make_optimizer
+
+
+@dataclass
+class LocalChange:
+    """What one client's local training produced."""
+
+    delta: dict[str, torch.Tensor]  # trained tensor after minus before, by name
+    start: dict[str, torch.Tensor]  # the tensors before training
+    loss: float  # mean training loss
+    seconds: float  # time in the training loop
+
+
+def train_change(
+    model: nn.Module, trained: Mapping[str, nn.Parameter], data: ClientData, cfg: ClientsSection,
+    after_step: Callable[[], None] | None = None,
+) -> LocalChange:
+    """Train ``trained`` (the caller froze the rest) on the client's batches for this
+    round with a fresh optimizer; the data seed fixes batch order and dropout, so every
+    runtime computes the same change."""
+    start = {n: p.detach().clone() for n, p in trained.items()}
+    torch.manual_seed(data.seed)  # dropout
+    batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps,
+                              torch.Generator().manual_seed(data.seed), data.pad_id)
+    began = time.perf_counter()
+    loss = local_train(model, batches, make_optimizer(list(trained.values()), cfg), after_step=after_step)
+    seconds = time.perf_counter() - began
+    delta = {n: p.detach() - start[n] for n, p in trained.items()}
+    return LocalChange(delta, start, loss, seconds)
+
+
+@dataclass
+class DeltaUpdate(ClientUpdate):
+    """A client's change to the tensors it trained (all of them, or its block)."""
+
+    delta: dict[str, torch.Tensor]
+
+
+def check_change(sender: str, num_samples: int, delta: Mapping[str, torch.Tensor]) -> None:
+    """Refuse an update that claims no samples (it would divide the average by zero)
+    or carries NaN/inf (it would poison the global model)."""
+    if num_samples == 0:
+        raise ClientError(f"{sender}: reports zero training samples")
+    for name, d in delta.items():
+        if not torch.isfinite(d).all():
+            raise ClientError(f"{sender}: non-finite values in the update of {name}")
+
+
+def weighted_change(writers: Sequence[DeltaUpdate], name: str, like: torch.Tensor) -> torch.Tensor:
+    """The sample-weighted mean of ``writers``' change to tensor ``name``, in float32."""
+    total = sum(u.num_samples for u in writers)
+    acc = torch.zeros_like(like, dtype=torch.float32)
+    for u in writers:
+        acc.add_(u.delta[name].float(), alpha=u.num_samples / total)
+    return acc
+
+
+def tensors_state(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A checkpointable copy of the server's tensors."""
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+@torch.no_grad()
+def load_tensors(params: Mapping[str, nn.Parameter], saved: Mapping[str, Any]) -> None:
+    """Overwrite the server's tensors in place from :func:`tensors_state`."""
+    for n, p in params.items():
+        p.copy_(saved[n])

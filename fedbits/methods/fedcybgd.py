@@ -1,0 +1,345 @@
+"""FedCyBGD (Wang et al., arXiv 2406.11187): full-parameter tuning one block at a time.
+
+A block is one decoder layer; the embeddings, the head and the final norm are never
+trained. Each sampled client is assigned the next block of the cycle (``order``:
+ascending, descending or random — a fresh permutation per cycle), trains only that
+block and uploads only its change; the server overlays it on the global model. With
+m clients per round the cycle advances m blocks per round (the paper's one client
+at a time is ``clients.per_round = 1``). If two clients of a round hold the same
+block, the later slot wins (``agg = false``) or, in ``agg`` mode, two clients are
+assigned each block on purpose and their changes are averaged (sample-weighted).
+
+Download (``download``):
+
+* ``changed`` (default): the client keeps its copy of the decoder layers in its
+  client store and receives only the blocks changed since its last sync, as exact
+  values (the parameter dtype: a lossy downlink would make the copies drift). The
+  server records each client's sync point, only when that client's uplink is
+  verified; a client whose round failed gets every changed block next time.
+* ``fraction``: as in the paper, the client starts from the pretrained weights plus
+  a random fraction ``download_fraction`` of the blocks updated so far (the rest
+  stay pretrained); its own block always comes down when it has been updated. No
+  client state.
+
+Optimizer state does **not** travel with a block: each client starts a fresh local
+optimizer, as in every other fedbits method. Adam's two moments would triple the
+bytes of a block in both directions, and the reference code's travelling state comes
+from running all clients in one process.
+
+Downlink body: universe fingerprint u64 | slot u32 | since u32 | block bitmask
+(ceil(L/8) bytes) | values of the sent blocks, concatenated (dtype u8, count u64, values)
+Uplink body:   num_samples u32 | train_loss f32 | digest u64 of the block the client
+started from | the block's Δ (fingerprint u64 + ``wire_dtype`` tensor or ``uplink``
+chain payload)
+
+The digest proves the change applies to the weights the server holds, so the
+overlay w ← w + Δ is the client's trained block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from fedbits.compress import Chain, parse_chain
+from fedbits.errors import ClientError, WireError
+from fedbits.methods import MethodSpec, register
+from fedbits.methods._blocks import (
+    BlockSchedule,
+    Cohort,
+    Subset,
+    decoder_layers,
+    open_message,
+    read_values,
+    train_only,
+    write_values,
+)
+from fedbits.methods._blocks.subset import Order
+from fedbits.methods._updates import (
+    DeltaUpdate,
+    check_change,
+    load_tensors,
+    tensors_state,
+    train_change,
+    weighted_change,
+)
+from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext, MethodOptions
+from fedbits.runtime.setup import derive_seed
+from fedbits.wire import Direction, Layout, Reader, Writer, encode_message
+from fedbits.wire.codec import tensor_bytes, tensor_from_bytes
+from fedbits.wire.layout import check_fingerprint
+
+SYNCED_KEY = "fedcybgd-synced"
+
+
+def block_key(block: int) -> str:
+    return f"fedcybgd-block-{block}"
+
+
+class FedCyBGDOptions(MethodOptions):
+    order: Order = Field("ascending", description="order in which a cycle visits the blocks")
+    agg: bool = Field(False, description="two clients per block, their changes averaged")
+    download: Literal["changed", "fraction"] = Field(
+        "changed", description="changed: blocks changed since the client's last sync (it keeps a "
+        "copy); fraction: pretrained + a random fraction of the updated blocks (paper)"
+    )
+    download_fraction: float = Field(0.5, gt=0, le=1, description="p, for download = 'fraction'")
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="value type of the uplink when no chain is set"
+    )
+    uplink: list[str] = Field(default_factory=list, description="codec chain for the block's change")
+
+    @model_validator(mode="after")
+    def _chain_is_valid(self) -> "FedCyBGDOptions":
+        if self.uplink and self.wire_dtype != "float32":
+            raise ValueError("set the value format in method.uplink or method.wire_dtype, not both")
+        parse_chain(self.uplink, field="method.uplink")
+        return self
+
+
+def block_digest(tensors: Iterable[torch.Tensor]) -> int:
+    """64-bit BLAKE2b of the tensors' bytes, in order."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass
+class BlockUpdate(DeltaUpdate):
+    slot: int
+    block: int
+
+
+class _Structure:
+    """What both halves derive from the model: blocks, layouts, schedule."""
+
+    def __init__(self, ctx: MethodContext, model: nn.Module) -> None:
+        opts: FedCyBGDOptions = ctx.options
+        self.ctx, self.opts, self.name = ctx, opts, ctx.cfg.method.name
+        names = [n for n, _ in model.named_parameters()]
+        layers = decoder_layers(names, f"model {ctx.cfg.model.name!r}")
+        schedule = BlockSchedule(len(layers), "client", opts.order, ctx.cfg.run.seed,
+                                 ctx.cfg.clients_per_round(), per_block=2 if opts.agg else 1)
+        self.subset = Subset.build(names, [set(layer) for layer in layers], schedule)
+        params = dict(model.named_parameters())
+        self.layouts = [Layout.of({n: params[n] for n in block}) for block in self.subset.blocks]
+        self.universe = Layout.of({n: params[n] for n in self.subset.universe})
+        dtypes = {params[n].dtype for n in self.subset.universe}
+        if len(dtypes) != 1:
+            raise ValueError(f"fedcybgd needs one dtype across the decoder layers, got {dtypes}")
+        self.dtype = dtypes.pop()
+        self.num_blocks = len(layers)
+        self.wire_dtype: torch.dtype = getattr(torch, opts.wire_dtype)
+        self.up: Chain | None = parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
+
+    def flat(self, params: dict[str, torch.Tensor], blocks: list[int]) -> torch.Tensor:
+        parts = [params[n].detach().reshape(-1) for b in blocks for n in self.subset.blocks[b]]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype)
+
+    def mask_bytes(self, blocks: list[int]) -> bytes:
+        bits = np.zeros(self.num_blocks, dtype=bool)
+        bits[blocks] = True
+        return np.packbits(bits, bitorder="little").tobytes()
+
+    def read_mask(self, r: Reader) -> list[int]:
+        raw = r.raw(math.ceil(self.num_blocks / 8), "blocks")
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")
+        if bits[self.num_blocks:].any():
+            raise WireError(f"{r.what}: field blocks: bits set beyond the {self.num_blocks} blocks")
+        return np.flatnonzero(bits[: self.num_blocks]).tolist()
+
+
+class FedCyBGDServer:
+    def __init__(self, ctx: MethodContext) -> None:
+        self.model = ctx.build_model()
+        self.s = _Structure(ctx, self.model)
+        train_only(self.model, ())  # the server never computes gradients
+        all_params = dict(self.model.named_parameters())
+        self.params = {n: all_params[n] for n in self.s.subset.universe}
+        self.version = [0] * self.s.num_blocks  # the round whose aggregate last changed each block
+        self.synced: dict[int, int] = {}  # client -> last aggregate its verified copy holds
+        self.cohort = Cohort()
+        self._since: dict[int, int] = {}  # this round: the sync point each client was sent from
+        self.last_stats: dict[str, float] = {}
+
+    def downlink(self, round_: int, client: int) -> bytes:
+        if self.cohort.round != round_:
+            self._since = {}
+        slot = self.cohort.assign(round_, client)
+        block, _ = self.s.subset.select(round_, slot)
+        if self.s.opts.download == "changed":
+            # the record is dropped until this round's uplink verifies it again
+            since = self._since.setdefault(client, self.synced.pop(client, 0))
+            send = [b for b, v in enumerate(self.version) if v > since]
+        else:
+            since = 0
+            send = self._sample(round_, client, block)
+        w = Writer().u64(self.s.universe.fingerprint).u32(slot).u32(since).raw(self.s.mask_bytes(send))
+        w.tensor(self.s.flat(self.params, send))
+        return encode_message(self.s.name, round_, Direction.DOWN, w.getvalue())
+
+    def _sample(self, round_: int, client: int, block: int) -> list[int]:
+        """The client's own block if updated, plus a random fraction p of the other updated ones."""
+        others = [b for b, v in enumerate(self.version) if v > 0 and b != block]
+        k = math.ceil(self.s.opts.download_fraction * len(others) - 1e-9)
+        rng = random.Random(derive_seed(self.s.ctx.cfg.run.seed, "fedcybgd-download", round_, client))
+        chosen = set(rng.sample(others, k))
+        if self.version[block] > 0:
+            chosen.add(block)
+        return sorted(chosen)
+
+    def decode_uplink(self, round_: int, client: int, payload: bytes) -> BlockUpdate:
+        sender = f"client {client} uplink"
+        r = open_message(self.s.ctx, payload, round_, Direction.UP, sender)
+        slot = self.cohort.slot(round_, client, sender)
+        block, names = self.s.subset.select(round_, slot)
+        num_samples = r.u32("num_samples")
+        train_loss = r.f32("train_loss")
+        digest = r.u64("digest")
+        delta = read_values(r, self.s.layouts[block], wire_dtype=self.s.wire_dtype, chain=self.s.up,
+                            field="delta")
+        r.finish()
+        check_change(sender, num_samples, delta)
+        if digest != block_digest(self.params[n] for n in names):
+            raise ClientError(
+                f"{sender}: trained block {block} from weights that differ from the server's "
+                "(its copy is out of sync); it receives every changed block next time"
+            )
+        return BlockUpdate(client, num_samples, train_loss, dict(delta), slot=slot, block=block)
+
+    @torch.no_grad()
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None:
+        by_block: dict[int, list[BlockUpdate]] = {}
+        for u in sorted(updates, key=lambda u: u.slot):
+            by_block.setdefault(u.block, []).append(u)
+        for block, writers in by_block.items():
+            if not self.s.opts.agg:
+                writers = writers[-1:]  # last writer wins
+            for name in self.s.subset.blocks[block]:
+                change = weighted_change(writers, name, self.params[name])
+                self.params[name].add_(change.to(self.s.dtype))
+            self.version[block] = round_
+        if self.s.opts.download == "changed":
+            for u in updates:  # its copy now holds every aggregate before this round
+                self.synced[u.client] = round_ - 1
+        self.last_stats = {"blocks_updated": len(by_block)}
+
+    def global_model(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": tensors_state(self.params),
+            "version": torch.tensor(self.version, dtype=torch.int64),
+            "synced": torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_tensors(self.params, state["params"])
+        self.version = state["version"].tolist()
+        self.synced = {int(c): int(s) for c, s in state["synced"].tolist()}
+
+    def save_final(self, path: Path) -> None:
+        self.model.save_pretrained(path)
+
+
+class FedCyBGDClient:
+    """Loads its model for every update (pretrained + the blocks in its store + what
+    came down), as a device reading its weights from disk; nothing survives the call
+    except what the client store holds."""
+
+    def __init__(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+        self.s = _Structure(ctx, ctx.build_model())
+        self.last_stats: dict[str, float] = {}
+
+    def update(
+        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+    ) -> bytes:
+        if not data.items:
+            raise ClientError(f"client {client} has no training data")
+        model, slot, received = self.load(round_, client, downlink, store)
+        block, names = self.s.subset.select(round_, slot)
+        params = dict(model.named_parameters())
+        trained = {n: params[n] for n in names}
+        train_only(model, trained)
+        change = train_change(model, trained, data, self.ctx.cfg.clients)
+
+        w = Writer().u32(data.num_samples).f32(change.loss).u64(block_digest(change.start.values()))
+        gen = torch.Generator().manual_seed(derive_seed(data.seed, "uplink"))
+        write_values(w, self.s.layouts[block], change.delta, wire_dtype=self.s.wire_dtype, chain=self.s.up,
+                     generator=gen)
+        self.last_stats = {
+            "block": block, "blocks_received": received, "trained_params": self.s.layouts[block].numel,
+            "train_seconds": change.seconds,
+            "seconds_per_step": change.seconds / self.ctx.cfg.clients.local_steps,
+        }
+        return encode_message(self.s.name, round_, Direction.UP, w.getvalue())
+
+    @torch.no_grad()
+    def load(
+        self, round_: int, client: int, downlink: bytes, store: ClientStore
+    ) -> tuple[nn.Module, int, int]:
+        """The model this downlink stands for: pretrained, then the blocks in the store
+        (``changed`` only), then the blocks that came down (kept in the store for next
+        time). Returns it with the client's slot and the number of blocks received."""
+        what = f"downlink to client {client}"
+        r = open_message(self.ctx, downlink, round_, Direction.DOWN, what)
+        check_fingerprint(r.u64("fingerprint"), self.s.universe, what)
+        slot, since = r.u32("slot"), r.u32("since")
+        sent = set(self.s.read_mask(r))
+        values = r.tensor("weights", count=sum(self.s.layouts[b].numel for b in sent), dtype=self.s.dtype)
+        r.finish()
+        keep = self.s.opts.download == "changed"
+        if keep and since > 0:
+            raw = store.get(SYNCED_KEY)
+            held = int.from_bytes(raw, "little") if raw is not None else None
+            if held != since:
+                raise ClientError(
+                    f"client {client}: its store holds the model as of round {held}, but the "
+                    f"server sent the changes since round {since}"
+                )
+        model = self.ctx.build_model()
+        params = dict(model.named_parameters())
+        offset = 0
+        for b, layout in enumerate(self.s.layouts):
+            if b in sent:
+                flat = values[offset : offset + layout.numel]
+                offset += layout.numel
+                if keep:
+                    store.put(block_key(b), tensor_bytes(flat))
+            elif keep and since > 0 and (raw := store.get(block_key(b))) is not None:
+                if len(raw) != layout.numel * self.s.dtype.itemsize:
+                    raise ClientError(f"client {client}: stored block {b} has {len(raw)} bytes, "
+                                      "not one block of this model")
+                flat = tensor_from_bytes(raw, self.s.dtype, layout.numel)
+            else:
+                continue  # still pretrained
+            for name, tensor in layout.unflatten(flat).items():
+                params[name].copy_(tensor)
+        if keep:
+            store.put(SYNCED_KEY, (round_ - 1).to_bytes(4, "little"))
+        return model, slot, len(sent)
+
+
+register(
+    MethodSpec(
+        name="fedcybgd",
+        options=FedCyBGDOptions,
+        server=FedCyBGDServer,
+        client=FedCyBGDClient,
+        summary="FedCyBGD: each client trains and uploads one decoder layer, cycling; "
+        "change-only or paper-style partial download",
+    )
+)

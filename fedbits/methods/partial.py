@@ -1,0 +1,214 @@
+"""Partial model training with quantised uplinks (Ro et al. 2022, arXiv 2204.09715).
+
+Ro et al. fit a larger model into cross-device FL with four techniques, each an
+option here:
+
+* **partial model training**: each client trains and uploads only a subset of the
+  decoder layers (``layer_fraction`` / ``layers`` / ``include`` / ``exclude``),
+  fixed or cycling over rounds and clients (``schedule``, ``order``; see
+  :mod:`fedbits.methods._blocks.subset`); everything else is frozen on the client
+  (no gradient, no optimizer state) and stays bit-identical to the pretrained weights;
+* **quantised uplink**: the change goes up through a codec chain (``uplink``,
+  default ``["int8"]``), optionally with error feedback;
+* **efficient transfer learning**: start from the pretrained model, optionally
+  training LoRA adapters instead of the weights (``lora = true``);
+* **server optimizers**: ``server_opt`` avg, fedavgm, fedadam, fedyogi or fedadagrad
+  on the mean change, applied only to tensors some client updated this round.
+
+Downlink: the current values of every tensor the schedule can ever train (the
+*universe*; everything else is the pretrained model every client already holds), so
+a client needs no state between rounds. With a fixed 1/4 of the layers that is 1/4
+of the model.
+
+Downlink body: slot u32 | universe values (fingerprint u64 + ``wire_dtype`` tensor or
+``downlink`` chain payload)
+Uplink body:   num_samples u32 | train_loss f32 | the block's Δ (fingerprint u64 of the
+block's layout + ``wire_dtype`` tensor or ``uplink`` chain payload)
+
+The slot is the client's position in the round's cohort; both halves turn (run seed,
+round, slot) into the same block, so no parameter name travels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from fedbits.compress import Chain, ErrorFeedback, parse_chain
+from fedbits.errors import ClientError
+from fedbits.methods import MethodSpec, register
+from fedbits.methods._blocks import (
+    Cohort,
+    Subset,
+    SubsetOptions,
+    open_message,
+    read_values,
+    subset_from_options,
+    train_only,
+    write_values,
+)
+from fedbits.methods._updates import (
+    DeltaUpdate,
+    check_change,
+    load_tensors,
+    tensors_state,
+    train_change,
+    weighted_change,
+)
+from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext
+from fedbits.methods.fedit import FedITOptions, add_lora
+from fedbits.runtime.setup import derive_seed
+from fedbits.server_opt import apply_pseudo_gradient, make_server_optimizer
+from fedbits.wire import Direction, Layout, Writer, encode_message
+
+
+class PartialOptions(FedITOptions, SubsetOptions):
+    uplink: list[str] = Field(
+        default_factory=lambda: ["int8"],
+        description="codec chain for the trained block's change ([] sends wire_dtype values)",
+    )
+    lora: bool = Field(False, description="train LoRA adapters (lora_* options) instead of the weights")
+
+
+class _PartialHalf:
+    """What both halves build identically: the model, the subset and the layouts."""
+
+    def __init__(self, ctx: MethodContext) -> None:
+        opts: PartialOptions = ctx.options
+        self.ctx, self.opts, self.name = ctx, opts, ctx.cfg.method.name
+        model = ctx.build_model()
+        self.model = add_lora(model, opts) if opts.lora else model
+        # with LoRA only the adapters are candidates (peft froze the rest), else every weight
+        candidates = {n: p for n, p in self.model.named_parameters() if p.requires_grad or not opts.lora}
+        self.subset: Subset = subset_from_options(
+            list(candidates), opts, seed=ctx.cfg.run.seed, cohort=ctx.cfg.clients_per_round(),
+            model_name=f"model {ctx.cfg.model.name!r}",
+        )
+        self.params = {n: candidates[n] for n in self.subset.universe}
+        train_only(self.model, self.params)
+        self.layout = Layout.of(self.params)
+        self.wire_dtype: torch.dtype = getattr(torch, opts.wire_dtype)
+        self.up: Chain | None = parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
+        self.down: Chain | None = (
+            parse_chain(opts.downlink, field="method.downlink") if opts.downlink else None
+        )
+        self._block_layouts: dict[int, Layout] = {}
+        self.last_stats: dict[str, float] = {}
+
+    def block_layout(self, block: int) -> Layout:
+        if block not in self._block_layouts:
+            self._block_layouts[block] = Layout.of({n: self.params[n] for n in self.subset.blocks[block]})
+        return self._block_layouts[block]
+
+
+class PartialServer(_PartialHalf):
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        self.optimizer = make_server_optimizer(list(self.params.values()), self.opts)
+        self.cohort = Cohort()
+        self._values: tuple[int, bytes] | None = None  # (round, encoded universe): once per round
+
+    def downlink(self, round_: int, client: int) -> bytes:
+        slot = self.cohort.assign(round_, client)
+        if self._values is None or self._values[0] != round_:
+            w = Writer()
+            gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.run.seed, "downlink", round_))
+            write_values(w, self.layout, self.params, wire_dtype=self.wire_dtype, chain=self.down,
+                         generator=gen)
+            self._values = (round_, w.getvalue())
+        body = Writer().u32(slot).raw(self._values[1]).getvalue()
+        return encode_message(self.name, round_, Direction.DOWN, body)
+
+    def decode_uplink(self, round_: int, client: int, payload: bytes) -> DeltaUpdate:
+        sender = f"client {client} uplink"
+        r = open_message(self.ctx, payload, round_, Direction.UP, sender)
+        block, _ = self.subset.select(round_, self.cohort.slot(round_, client, sender))
+        num_samples = r.u32("num_samples")
+        train_loss = r.f32("train_loss")
+        delta = read_values(r, self.block_layout(block), wire_dtype=self.wire_dtype, chain=self.up,
+                            field="delta")
+        r.finish()
+        check_change(sender, num_samples, delta)
+        return DeltaUpdate(client, num_samples, train_loss, dict(delta))  # the block's tensors
+
+    @torch.no_grad()
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None:
+        """Per tensor, the sample-weighted mean change of the clients that trained it;
+        one server step on those tensors only."""
+        names, means = [], []
+        for name, p in self.params.items():
+            writers = [u for u in updates if name in u.delta]
+            if writers:
+                names.append(name)
+                means.append(weighted_change(writers, name, p))
+        apply_pseudo_gradient(self.optimizer, [self.params[n] for n in names], means)
+        self._values = None
+        self.last_stats = {"tensors_updated": len(names)}
+
+    def global_model(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": tensors_state(self.params), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_tensors(self.params, state["params"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._values = None
+
+    def save_final(self, path: Path) -> None:
+        self.model.save_pretrained(path)
+
+
+class PartialClient(_PartialHalf):
+    """One working model for every client this process simulates: the universe is
+    overwritten from each downlink and nothing else ever changes, so no reset is needed."""
+
+    def update(
+        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+    ) -> bytes:
+        if not data.items:
+            raise ClientError(f"client {client} has no training data")
+        r = open_message(self.ctx, downlink, round_, Direction.DOWN, f"downlink to client {client}")
+        slot = r.u32("slot")
+        received = read_values(r, self.layout, wire_dtype=self.wire_dtype, chain=self.down,
+                               field="weights")
+        r.finish()
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(received[name])
+        del received
+        block, names = self.subset.select(round_, slot)
+        trained = {n: self.params[n] for n in names}
+        train_only(self.model, trained)
+        change = train_change(self.model, trained, data, self.ctx.cfg.clients)
+
+        w = Writer().u32(data.num_samples).f32(change.loss)
+        feedback = None
+        if self.up is not None and self.opts.error_feedback:
+            feedback = ErrorFeedback(store, f"{self.name}-residual-{block}", self.block_layout(block).numel)
+        gen = torch.Generator().manual_seed(derive_seed(data.seed, "uplink"))
+        write_values(w, self.block_layout(block), change.delta, wire_dtype=self.wire_dtype, chain=self.up,
+                     generator=gen, feedback=feedback)
+        self.last_stats = {
+            "block": block, "trained_params": self.block_layout(block).numel,
+            "train_seconds": change.seconds,
+            "seconds_per_step": change.seconds / self.ctx.cfg.clients.local_steps,
+        }
+        return encode_message(self.name, round_, Direction.UP, w.getvalue())
+
+
+register(
+    MethodSpec(
+        name="partial",
+        options=PartialOptions,
+        server=PartialServer,
+        client=PartialClient,
+        summary="partial model training (Ro et al.): a subset of layers per round, "
+        "quantised change up, FedAvgM/FedAdam/FedYogi/FedAdagrad server",
+    )
+)

@@ -1,0 +1,160 @@
+"""``fedbits run`` with ``runtime.kind = "flower"``: submit, follow, collect.
+
+The run is submitted with Flower's own CLI (``flwr run --stream``) to the SuperLink
+named by ``runtime.superlink``, which streams its log until the ServerApp ends;
+then ``flwr ls`` gives the run's status and the SuperLink's count of
+the bytes that crossed its Fleet API for this run. Those go to ``flower.json`` in
+the run directory next to fedbits' own payload total from the ledger, so Flower's
+framing overhead is visible.
+
+The ServerApp writes the run directory on the SuperLink's machine, at the absolute
+``run.out_dir`` resolved here; when that is another machine, copy the directory back
+(``rsync``) and ``flower.json`` is written by ``fedbits flower follow`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from fedbits.config import Config
+from fedbits.errors import FedbitsError
+from fedbits.runtime.flower.app import write_app
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def flower_tool(name: str) -> str:
+    """A Flower executable from this environment (next to this Python), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _flwr(args: list[str]) -> dict[str, Any]:
+    """Run a ``flwr ... --format json`` command and return its JSON answer."""
+    proc = subprocess.run([flower_tool("flwr"), *args, "--format", "json"],
+                          capture_output=True, text=True)
+    try:
+        out = json.loads(proc.stdout[proc.stdout.find("{"):])
+    except ValueError:
+        out = {}
+    if proc.returncode != 0 or not out.get("success", False):
+        detail = out.get("error-message") or _ANSI.sub("", proc.stderr or proc.stdout).strip()
+        raise FedbitsError(f"`flwr {' '.join(args)}` failed: {detail}")
+    return out
+
+
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def _stream(argv: list[str], log: Callable[[str], None]) -> tuple[int, int | None, list[str]]:
+    """Run a streaming ``flwr`` command, relaying its output to ``log``; return its exit
+    status, the run ID it announced (``flwr run``) and its last lines."""
+    run_id: int | None = None
+    tail: list[str] = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                line = _ANSI.sub("", raw).rstrip()
+                if not line.strip():
+                    continue
+                if run_id is None and (m := _STARTED.search(line)):
+                    run_id = int(m.group(1))
+                tail = (tail + [line])[-20:]
+                log(line)
+        except KeyboardInterrupt:
+            proc.terminate()
+            where = f"run {run_id}" if run_id is not None else "the run"
+            raise FedbitsError(
+                f"stopped following {where}; it goes on on the SuperLink: "
+                "`fedbits flower follow RUN_ID --run-dir DIR` re-attaches, "
+                "`flwr stop RUN_ID` stops it"
+            ) from None
+    return proc.returncode, run_id, tail
+
+
+def launch(cfg: Config, *, resume: bool, overwrite: bool,
+           log: Callable[[str], None] = print) -> Path:
+    """Submit ``cfg`` to its SuperLink, stream the run's log, collect; return the run dir."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
+    conn = [cfg.runtime.superlink] if cfg.runtime.superlink else []
+    with tempfile.TemporaryDirectory() as tmp:
+        app = write_app(cfg, Path(tmp), resume=resume, overwrite=overwrite)
+        argv = [flower_tool("flwr"), "run", str(app), *conn, "--stream"]
+        status, run_id, tail = _stream(argv, log)
+    if status != 0 or run_id is None:
+        raise FedbitsError(f"`flwr run` could not start the run on SuperLink "
+                           f"{cfg.runtime.superlink or '(default)'}:\n" + "\n".join(tail))
+    return collect(run_id, cfg.run_dir, cfg.runtime.superlink, log)
+
+
+def follow(run_id: int, run_dir: Path, superlink: str | None,
+           log: Callable[[str], None] = print) -> Path:
+    """Stream a submitted run's log until it ends, then :func:`collect`."""
+    conn = [superlink] if superlink else []
+    status, _, tail = _stream([flower_tool("flwr"), "log", str(run_id), *conn, "--stream"], log)
+    if status != 0:
+        raise FedbitsError(f"`flwr log {run_id}` failed:\n" + "\n".join(tail))
+    return collect(run_id, run_dir, superlink, log)
+
+
+def payload_bytes(run_dir: Path) -> int:
+    """fedbits' own count of the payload bytes the run moved (the ledger)."""
+    path = run_dir / "ledger.jsonl"
+    return sum(json.loads(line)["bytes"] for line in path.read_text().splitlines() if line.strip())
+
+
+def collect(run_id: int, run_dir: Path, superlink: str | None,
+            log: Callable[[str], None] = print) -> Path:
+    """Record the Flower run's status and traffic in ``flower.json``; fail if it failed.
+
+    ``flower.json`` lists every Flower run the fedbits run took (a resumed run takes
+    more than one) and compares their total traffic with the ledger's payload bytes.
+    """
+    conn = [superlink] if superlink else []
+    runs = _flwr(["ls", *conn, "--run-id", str(run_id)])["runs"]
+    if not runs:
+        raise FedbitsError(f"the SuperLink knows no run {run_id}")
+    info = runs[0]
+    status = str(info["status"])
+    if status != "finished:completed":
+        raise FedbitsError(
+            f"Flower run {run_id} ended {status!r} ({info.get('status-details', '')}); "
+            f"its log: flwr log {run_id} {superlink or ''} --show".rstrip()
+        )
+    if not (run_dir / "ledger.jsonl").is_file():
+        log(f"the ServerApp wrote {run_dir} on the SuperLink's machine: copy it here, then "
+            f"`fedbits flower follow {run_id} --run-dir {run_dir}` records Flower's traffic")
+        return run_dir
+    path = run_dir / "flower.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    # a resumed run is several Flower runs; the ledger covers all of them
+    flower_runs = [r for r in record.get("flower_runs", []) if r["run_id"] != run_id]
+    flower_runs.append({
+        "run_id": run_id,
+        "superlink": superlink,
+        "status": status,
+        "elapsed_seconds": info.get("elapsed"),
+        "network_traffic": info["network-traffic"],  # the SuperLink's Fleet API, both ways
+        "compute_time": info.get("compute-time"),
+    })
+    total = sum(int(r["network_traffic"]["total-bytes"]) for r in flower_runs)
+    payload = payload_bytes(run_dir)
+    record.update(
+        flower_runs=flower_runs,
+        flower_total_bytes=total,
+        fedbits_payload_bytes=payload,  # the ledger: fedbits messages, both directions
+        flower_overhead_bytes=total - payload,
+    )
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    log(f"Flower moved {total:,} B for this run; fedbits payloads {payload:,} B; "
+        f"framing and control {total - payload:,} B")
+    return run_dir

@@ -1,0 +1,188 @@
+"""Starting Flower's long-running processes the way a fedbits deployment needs them.
+
+``fedbits flower superlink`` becomes ``flower-superlink`` (same PID) with its state
+in one directory (a SQLite database, so registered SuperNode keys survive a
+restart), runtime dependency installation off (it would otherwise ``uv sync`` the
+app and pull a CUDA build of torch), and either TLS from a certificate directory or
+an explicit ``--insecure``.
+
+``fedbits flower supernode`` supervises two processes for one data partition:
+``flower-supernode`` (its node config names the partition and the node directory)
+and the node worker that keeps the model in memory between rounds. A worker that
+dies is restarted (the round it was serving is reported to the server as missing);
+if the SuperNode exits (e.g. refused by the SuperLink), the worker is stopped and
+its exit status is returned. SIGTERM or Ctrl-C stops both, and everything the
+SuperNode started, by process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, NoReturn
+
+from fedbits.errors import FedbitsError
+from fedbits.runtime.flower.certs import CertPaths
+from fedbits.runtime.flower.launch import flower_tool
+from fedbits.runtime.flower.protocol import DIR_KEY, PARTITION_KEY, WORKER_KEY
+
+STOP_GRACE_S = 10.0
+MAX_RESTARTS_PER_MINUTE = 5
+
+
+def quiet_progress_bars() -> None:
+    """No library progress bars in a ServerApp's or worker's log (as ``fedbits`` does
+    whenever its output is not a terminal): they are never watched live."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    """Flower starts its helpers (``flower-superexec``, ``flwr-serverapp``,
+    ``flwr-clientapp``) by name from PATH: this environment's bin comes first, so they
+    are found, and are this Flower, also when the virtual environment is not activated."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home)  # where Flower installs app bundles for this process
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return env
+
+
+def superlink_command(state_dir: Path, host: str, port: int, certs: Path | None,
+                      insecure: bool, supernode_auth: bool) -> list[str]:
+    """The ``flower-superlink`` command line for these choices (checked first)."""
+    if insecure == (certs is not None):
+        raise FedbitsError("give a certificate directory (--certs, from `fedbits flower certs`) "
+                           "or --insecure, not both and not neither")
+    if supernode_auth and insecure:
+        raise FedbitsError("SuperNode authentication needs TLS: use --certs, not --insecure")
+    argv = [flower_tool("flower-superlink"), "--host", host, "--port", str(port),
+            "--database", str(state_dir / "state.db"), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        argv.append("--insecure")
+    else:
+        paths = CertPaths.in_dir(certs)
+        paths.check()
+        argv += ["--ssl-ca-certfile", str(paths.ca_cert), "--ssl-certfile", str(paths.server_cert),
+                 "--ssl-keyfile", str(paths.server_key)]
+    if supernode_auth:
+        argv.append("--enable-supernode-auth")
+    return argv
+
+
+def exec_superlink(state_dir: Path, host: str, port: int, certs: Path | None, insecure: bool,
+                   supernode_auth: bool) -> NoReturn:
+    """Replace this process with the SuperLink, so signals and the PID are its own."""
+    argv = superlink_command(state_dir, host, port, certs, insecure, supernode_auth)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    print(f"fedbits: starting {' '.join(argv)}", flush=True)
+    program = shutil.which(argv[0])
+    if program is None:
+        raise FedbitsError(f"{argv[0]} not found: install Flower (pip install 'flwr==1.41.*')")
+    os.execve(program, argv, _flower_env(state_dir / "flwr-home"))
+
+
+def write_node_config(root: Path, partition: int, worker: bool) -> Path:
+    """The SuperNode's node config as a TOML file (a path may hold any character)."""
+    path = root / "node-config.toml"
+    path.write_text(
+        f"{PARTITION_KEY} = {partition}\n{DIR_KEY} = {json.dumps(str(root.resolve()))}\n"
+        f"{WORKER_KEY} = {'true' if worker else 'false'}\n"
+    )
+    return path
+
+
+class SuperNodeSupervisor:
+    """Runs ``flower-supernode`` and the node worker for one partition; see the module doc."""
+
+    def __init__(self, *, superlink: str, partition: int, root: Path, runtime_port: int,
+                 root_certificates: Path | None, insecure: bool, auth_key: Path | None,
+                 worker: bool, log: Callable[[str], None] = print) -> None:
+        if insecure == (root_certificates is not None):
+            raise FedbitsError("give the SuperLink's CA certificate (--root-certificates) or "
+                               "--insecure, not both and not neither")
+        if auth_key is not None and insecure:
+            raise FedbitsError("SuperNode authentication (--auth-key) needs TLS, not --insecure")
+        for path in (root_certificates, auth_key):
+            if path is not None and not path.is_file():
+                raise FedbitsError(f"{path} not found")
+        self.root = root
+        self.use_worker = worker
+        self.log = log
+        root.mkdir(parents=True, exist_ok=True)
+        self.env = _flower_env(root / "flwr-home")
+        # the SuperNode's SuperExec looks for a new message to start a ClientApp for every
+        # second by default; every round waits for that, so look twice as often (~1% CPU)
+        self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
+        self.argv = [flower_tool("flower-supernode"), "--superlink", superlink,
+                     "--port", str(runtime_port),
+                     "--node-config", str(write_node_config(root, partition, worker))]
+        self.argv += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
+        if auth_key is not None:
+            self.argv += ["--auth-supernode-private-key", str(auth_key)]
+        self._stop = False
+
+    def _start_worker(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "fedbits.runtime.flower.worker", str(self.root)]
+        return subprocess.Popen(argv, env=self.env, start_new_session=True)
+
+    def _request_stop(self, signum: int, _frame: object) -> None:
+        self._stop = True
+
+    def run(self) -> int:
+        """Supervise until stopped (returns 0) or the SuperNode exits (returns its status)."""
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        worker = self._start_worker() if self.use_worker else None
+        supernode = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        (self.root / "supernode.pid").write_text(f"{supernode.pid}\n")
+        restarts: deque[float] = deque(maxlen=MAX_RESTARTS_PER_MINUTE)
+        status = 0
+        try:
+            while not self._stop:
+                if (code := supernode.poll()) is not None:
+                    self.log(f"fedbits: flower-supernode exited with status {code}")
+                    status = code or 1
+                    break
+                if worker is not None and (code := worker.poll()) is not None:
+                    now = time.monotonic()
+                    if len(restarts) == restarts.maxlen and now - restarts[0] < 60:
+                        self.log(f"fedbits: the node worker died {len(restarts)} times within a "
+                                 "minute; giving up")
+                        status = 1
+                        break
+                    restarts.append(now)
+                    self.log(f"fedbits: the node worker (pid {worker.pid}) exited with status "
+                             f"{code}; restarting it")
+                    worker = self._start_worker()
+                time.sleep(0.2)
+        finally:
+            _stop(supernode, group=True)
+            if worker is not None:
+                _stop(worker, group=True)
+        return status
+
+
+def _stop(proc: subprocess.Popen[bytes], group: bool) -> None:
+    """SIGTERM, wait, then SIGKILL the process (and its process group if ``group``)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what it started: SuperExec, ClientApps
+        except (ProcessLookupError, PermissionError):
+            pass

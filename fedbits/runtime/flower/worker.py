@@ -1,0 +1,168 @@
+"""The node worker: one long-lived process per SuperNode that keeps the model loaded.
+
+Flower 1.41 runs every ClientApp message in a fresh process, in both isolation modes:
+``flwr-clientapp`` pulls one task, runs it and exits, whether the SuperNode's own
+SuperExec starts it (``--isolation subprocess``) or an external one does
+(``--isolation process``). Importing torch and building the model would then cost
+every round. So the ClientApp stays thin: it relays the request over a Unix socket
+on the same machine to this worker, which holds a :class:`~.node.NodeHost` for the
+SuperNode's lifetime. Nothing here crosses the network; Flower carries every byte
+between server and node.
+
+The socket lives in the node's fedbits directory (``worker.sock``) and every
+connection must prove it knows ``worker.key`` (mode 0600), through the HMAC
+handshake of :mod:`multiprocessing.connection`. A lock file keeps a second worker off
+the same directory. Each request is two frames, a JSON header and the payload bytes,
+and so is each reply; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import sys
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from fedbits.errors import FedbitsError
+from fedbits.runtime.flower.protocol import NodeReply, Request
+
+SOCKET = "worker.sock"
+KEY = "worker.key"
+LOCK = "worker.lock"
+PID = "worker.pid"
+CONNECT_WAIT_S = 120.0  # a worker being (re)started imports torch before it listens again
+_MAX_SOCKET_PATH = 107  # sun_path on Linux, minus the terminating NUL
+
+
+def _socket_path(root: Path) -> str:
+    path = str(root.resolve() / SOCKET)
+    if len(path.encode()) > _MAX_SOCKET_PATH:
+        raise FedbitsError(
+            f"the worker socket path {path} is {len(path.encode())} bytes, over the "
+            f"{_MAX_SOCKET_PATH}-byte limit of Unix sockets: choose a shorter node directory"
+        )
+    return path
+
+
+def _key(root: Path, create: bool) -> bytes:
+    """The shared secret; the worker makes it (0600) on first start."""
+    path = root / KEY
+    if create and not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def _send(conn: Connection, header: dict[str, Any], blob: bytes) -> None:
+    conn.send_bytes(json.dumps(header).encode())
+    conn.send_bytes(blob)
+
+
+def _recv(conn: Connection) -> tuple[dict[str, Any], bytes]:
+    header = json.loads(conn.recv_bytes().decode())
+    return header, conn.recv_bytes()
+
+
+# -- the ClientApp's side ----------------------------------------------------------
+def call(root: Path, op: str, config_text: str, partition: int, request: Request) -> NodeReply:
+    """Ask this node's worker; a worker that dies mid-request yields an error reply.
+
+    A missing or refusing socket is retried for :data:`CONNECT_WAIT_S` (the
+    supervisor restarts a dead worker); a connection that breaks after it was made
+    means the worker died while holding this request.
+    """
+    address = _socket_path(root)
+    header = {"op": op, "config": config_text, "partition": partition, "store": request.store,
+              "round": request.round, "client": request.client, "committed": request.committed}
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            conn = Client(address, family="AF_UNIX", authkey=_key(root, create=False))
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as e:  # not (yet, again) listening
+            if time.monotonic() > deadline:
+                return NodeReply(
+                    error=f"no fedbits worker answers at {address} ({type(e).__name__}) after "
+                    f"{CONNECT_WAIT_S:.0f}s: is `fedbits flower supernode` running for {root}?",
+                    partition=partition)
+            time.sleep(0.2)
+        except AuthenticationError:
+            return NodeReply(error=f"the fedbits worker at {address} refused this ClientApp's "
+                             f"key ({root / KEY} changed while it ran?)", partition=partition)
+        except (EOFError, OSError) as e:  # it accepted, then vanished during the handshake
+            return _died(address, e, partition)
+    with conn:
+        try:
+            _send(conn, header, request.blob)
+            reply, blob = _recv(conn)
+        except (EOFError, OSError) as e:
+            return _died(address, e, partition)
+    return NodeReply(blob=blob if reply["has_blob"] else None, error=reply["error"],
+                     partition=partition, stats=reply["stats"], info=reply["info"])
+
+
+def _died(address: str, e: BaseException, partition: int) -> NodeReply:
+    return NodeReply(error=f"the fedbits worker at {address} died while serving this request "
+                     f"({type(e).__name__})", partition=partition)
+
+
+# -- the worker ----------------------------------------------------------------------
+def serve(root: Path) -> None:
+    """Listen on ``root``'s socket and answer requests, one at a time, until killed."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = open(root / LOCK, "w")  # held (open) for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FedbitsError(f"another fedbits worker already serves {root}") from None
+    address = _socket_path(root)
+    if os.path.exists(address):  # left behind by a worker that was killed
+        os.unlink(address)
+    listener = Listener(address, family="AF_UNIX", authkey=_key(root, create=True))
+    (root / PID).write_text(f"{os.getpid()}\n")
+    log = lambda msg: print(f"[fedbits worker {os.getpid()}] {msg}", flush=True)  # noqa: E731
+    log(f"listening on {address}")
+
+    from fedbits.runtime.flower.node import NodeHost  # torch: after the socket is up
+    from fedbits.runtime.flower.processes import quiet_progress_bars
+
+    quiet_progress_bars()
+    host = NodeHost(root, log)
+    while True:
+        try:
+            conn = listener.accept()
+        except Exception as e:  # a failed handshake: someone without the key
+            log(f"refused a connection: {type(e).__name__}: {e}")
+            continue
+        with conn:
+            try:
+                header, blob = _recv(conn)
+            except (EOFError, OSError, ValueError) as e:
+                log(f"dropped a malformed request: {type(e).__name__}")
+                continue
+            request = Request(header["store"], header["round"], header["client"],
+                              header["committed"], blob)
+            reply = host.handle(header["op"], header["config"], header["partition"], request)
+            if reply.error:
+                log(f"{header['op']} failed: {reply.error}")
+            try:
+                _send(conn, {"has_blob": reply.blob is not None, "error": reply.error,
+                             "stats": reply.stats, "info": reply.info}, reply.blob or b"")
+            except OSError as e:  # the ClientApp went away; the SuperNode reports it
+                log(f"could not deliver the reply: {type(e).__name__}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m fedbits.runtime.flower.worker NODE_DIR")
+    try:
+        serve(Path(sys.argv[1]))
+    except FedbitsError as e:
+        sys.exit(f"fedbits worker: error: {e}")

@@ -1,0 +1,264 @@
+"""fedbits on a real Flower deployment: SuperLink and SuperNodes on 127.0.0.1.
+
+Nothing is mocked. The module starts ``fedbits flower superlink`` with TLS and
+SuperNode authentication, registers two SuperNode keys and starts two
+``fedbits flower supernode`` processes (each a real ``flower-supernode`` plus its
+node worker) for data partitions 0 and 1. Runs are submitted with ``fedbits run``
+(``flwr run`` underneath) and compared with the in-process simulator for the same
+config and seed, which runs in a thread meanwhile:
+
+- 2 rounds of fedit and of fedkseed give the simulator's final weights bit for bit,
+  its ledger byte for byte and its metrics; Flower's traffic figure is recorded;
+- a SuperNode whose key was never registered is refused;
+- a node worker killed in the middle of a round costs that client the round (the
+  ledger has its downlink and no uplink) and nothing else: the round aggregates the
+  other client's update, the run ends normally, and the SuperNode's supervisor
+  starts a new worker.
+
+Every process a test starts is stopped by PID at teardown together with everything
+it started (found through psutil before it is stopped), also when a test fails. The
+first tests need no processes: what fedbits writes for Flower must pass Flower's own
+readers, and a node's client store must settle rounds as the checkpoints say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import typing
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedbits.config import load_config
+from fedbits.methods import available_methods
+from fedbits.runtime import run_experiment
+from fedbits.cli import main as fedbits_main
+from fedbits.runtime.flower.app import write_connection
+from fedbits.runtime.flower.certs import make_certificates, make_node_key
+from fedbits.runtime.flower.launch import flower_tool
+from fedbits.runtime.flower.local import START_TIMEOUT_S, LocalProcesses
+from fedbits.runtime.flower.node import settle
+from fedbits.runtime.flower.protocol import CONFIG_KEY
+from fedbits.runtime.store import ClientStores
+
+from conftest import REPO, TINY
+
+FEDKSEED = REPO / "examples" / "fedkseed-tiny.toml"
+# two partitions, both sampled every round, one SuperNode each; eval at the ends only
+SMALL = ["data.num_clients=2", "clients.per_round=2", "run.rounds=2", "eval.every=100",
+         "eval.metrics=['loss']", "eval.max_examples=4"]
+CONNECTION = "secure"
+
+
+def test_generated_app_and_connection_pass_flowers_own_readers(tmp_path, monkeypatch):
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.common.config import get_fused_config_from_dir
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert fedbits_main(["flower", "certs", str(tmp_path / "tls"), "--host", "127.0.0.1",
+                         "--nodes", "1"]) == 0
+    assert fedbits_main(["flower", "connect", "prod", "--address", "10.0.0.5:8000",
+                         "--root-certificates", str(tmp_path / "tls" / "ca.crt")]) == 0
+    assert fedbits_main(["flower", "connect", "local", "--address", "127.0.0.1:8000",
+                         "--insecure"]) == 0
+    prod, local = read_superlink_connection("prod"), read_superlink_connection("local")
+    assert prod.address == "10.0.0.5:8000" and prod.root_certificates.endswith("ca.crt")
+    assert local.insecure and read_superlink_connection().address == prod.address  # first = default
+
+    assert fedbits_main(["flower", "app", str(TINY), "--set", "run.name=a b", "--out",
+                         str(tmp_path / "app")]) == 0
+    app = tmp_path / "app" / "fedbits-app"
+    config, _ = load_and_validate(app / "pyproject.toml")  # also imports both components
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"].endswith("client_app:app")
+    shipped = get_fused_config_from_dir(app, {})[CONFIG_KEY]
+    cfg = load_config(TINY, ["run.name=a b", "runtime.kind=flower"])
+    cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
+    assert shipped == cfg.to_toml()  # every node trains with exactly the server's config
+
+
+def test_settle_commits_checkpointed_rounds_and_drops_the_rest(tmp_path):
+    stores = ClientStores(tmp_path)
+    for round_ in (1, 2, 3):  # a node that took part in rounds 1-3; the server checkpointed 2
+        stores.for_client(5, round_).put("state", str(round_).encode())
+    stores.for_client(5, 1).put("only-in-1", b"x")
+    settle(stores, 2)
+    store = stores.for_client(5, 4)
+    assert store.get("state") == b"2" and store.get("only-in-1") == b"x"
+    assert not (tmp_path / "pending").exists()  # round 3 was cut short: gone
+
+
+class Federation(LocalProcesses):
+    """A secure SuperLink, two authenticated SuperNodes and a stranger."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.tls = tmp / "tls"
+        self.nodes: list[tuple[subprocess.Popen, Path]] = []
+        self.stranger: tuple[subprocess.Popen, Path] | None = None
+
+    def start_secure_superlink(self) -> None:
+        make_certificates(self.tls, ["127.0.0.1", "localhost"])
+        self.start_superlink("--certs", str(self.tls), "--enable-supernode-auth")
+        write_connection(CONNECTION, self.address, root_certificates=self.tls / "ca.crt")
+
+    def start_nodes(self) -> None:
+        """Partitions 0 and 1 with registered keys, and a stranger whose key is not."""
+        keys = {p: self.tls / f"node-{p}" for p in (0, 1, 2)}
+        public = {p: make_node_key(key) for p, key in keys.items()}
+        register = [flower_tool("flwr"), "supernode", "register"]
+        registering = [subprocess.Popen([*register, str(public[p]), CONNECTION], env=self.env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                       for p in (0, 1)]
+        for proc in registering:
+            out, _ = proc.communicate(timeout=START_TIMEOUT_S)
+            assert proc.returncode == 0, out
+        secure = ("--root-certificates", str(self.tls / "ca.crt"))
+        self.nodes = [self.start_supernode(p, "", *secure, "--auth-key", str(keys[p])) for p in (0, 1)]
+        self.stranger = self.start_supernode(2, "", *secure, "--auth-key", str(keys[2]), "--no-worker")
+
+    def overrides(self, name: str) -> list[str]:
+        return ["runtime.kind=flower", f"runtime.superlink={CONNECTION}",
+                f"run.out_dir={self.tmp / 'flower-runs'}", f"run.name={name}"]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    fed = Federation(tmp_path_factory.mktemp("flower"))
+    saved = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = fed.env["FLWR_HOME"]  # `fedbits run` in this process uses it
+    try:
+        fed.start_secure_superlink()
+        fed.start_nodes()
+        yield fed
+    finally:
+        fed.stop()
+        if saved is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = saved
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted((run_dir / "final").glob("*.safetensors")):
+        out.update(load_file(f))
+    assert out, f"no final weights in {run_dir}"
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _run(example: Path, overrides: list[str], lines: list[str]) -> Path:
+    return run_experiment(load_config(example, SMALL + overrides), log=lines.append)
+
+
+def _flower_and_simulator(fed: Federation, example: Path, name: str,
+                          extra: list[str]) -> tuple[Path, Path]:
+    """The same run on Flower and, meanwhile in a thread, in the simulator."""
+    lines: list[str] = []
+    sim_overrides = [f"run.out_dir={fed.tmp / 'sim-runs'}", f"run.name={name}", *extra]
+    available_methods()  # load the registry here: fedbits.methods' first load is not thread-safe
+    with ThreadPoolExecutor(1) as pool:
+        sim = pool.submit(_run, example, sim_overrides, [])
+        try:
+            flower = _run(example, fed.overrides(name) + extra, lines)
+        except Exception:
+            print("\n".join(lines))
+            raise
+        return flower, sim.result()
+
+
+def _assert_same_run(flower: Path, sim: Path) -> None:
+    want, got = _weights(sim), _weights(flower)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), f"{k} differs from the simulator's"
+    # every message's payload bytes, in the same order
+    assert (flower / "ledger.jsonl").read_text() == (sim / "ledger.jsonl").read_text()
+    keys = ("clients", "rejected", "bytes_up", "bytes_down", "train_loss", "eval_loss")
+    for a, b in zip(_rows(flower / "metrics.jsonl"), _rows(sim / "metrics.jsonl"), strict=True):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, a["round"]
+    traffic = json.loads((flower / "flower.json").read_text())
+    payload = sum(r["bytes"] for r in _rows(flower / "ledger.jsonl"))
+    assert traffic["fedbits_payload_bytes"] == payload
+    [flower_run] = traffic["flower_runs"]
+    assert flower_run["status"] == "finished:completed"
+    assert traffic["flower_total_bytes"] == flower_run["network_traffic"]["total-bytes"] > payload
+
+
+def test_fedit_over_tls_matches_the_simulator(federation):
+    _assert_same_run(*_flower_and_simulator(federation, TINY, "fedit", []))
+
+
+def test_fedkseed_over_tls_matches_the_simulator(federation):
+    flower, sim = _flower_and_simulator(federation, FEDKSEED, "fedkseed", ["clients.local_steps=8"])
+    _assert_same_run(flower, sim)
+    # the workers built this run's model once, at `prepare`; both rounds reused it
+    for row in _rows(flower / "metrics.jsonl")[1:]:
+        assert all(info["reused"] and info["setup_seconds"] == 0 for info in row["flower"].values())
+
+
+def test_an_unregistered_supernode_is_refused(federation):
+    assert federation.stranger is not None
+    proc, log = federation.stranger
+    assert proc.wait(START_TIMEOUT_S) == 2, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Failed to activate SuperNode" in text and "stopped (status" in text
+    # the SuperLink refused it for its key, not for anything else
+    superlink_log = (federation.tmp / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+
+
+def test_a_worker_killed_mid_round_costs_only_its_reply(federation):
+    node_log = federation.nodes[1][1]
+    pid_file = federation.tmp / "node-1" / "worker.pid"
+    killed: list[int] = []
+
+    def kill_when_training(log: typing.IO[str]) -> None:  # as soon as round 1 starts on node 1
+        deadline = time.monotonic() + 600
+        seen = ""
+        while time.monotonic() < deadline:
+            seen = seen[-200:] + log.read()
+            if "round 1: training partition 1" in seen:
+                pid = int(pid_file.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.01)
+
+    with node_log.open() as log:
+        log.seek(0, os.SEEK_END)  # earlier runs trained round 1 too
+        watcher = threading.Thread(target=kill_when_training, args=(log,), daemon=True)
+        watcher.start()
+        lines: list[str] = []
+        # enough local steps that the worker is still training when the watcher strikes
+        run_dir = _run(TINY, federation.overrides("killed") + ["run.rounds=1",
+                                                               "clients.local_steps=12"], lines)
+        watcher.join(5)
+    assert killed, "the worker was never seen training round 1"
+
+    r1 = _rows(run_dir / "metrics.jsonl")[1]
+    assert r1["clients"] == [0, 1] and list(r1["rejected"]) == ["1"], "\n".join(lines)
+    assert "died while serving" in r1["rejected"]["1"]
+    assert r1["train_loss"] is not None  # client 0's update was aggregated
+    ledger = [(r["round"], r["client"], r["direction"]) for r in _rows(run_dir / "ledger.jsonl")]
+    assert ledger == [(1, 0, "down"), (1, 0, "up"), (1, 1, "down")]  # the missing reply
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+    assert r1["flower"]["0"]["reused"]  # the other worker kept its model from `prepare`
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while int(pid_file.read_text()) == killed[0]:  # the supervisor starts a new worker
+        assert time.monotonic() < deadline, node_log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert "restarting it" in node_log.read_text()
