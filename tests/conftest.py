@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+from safetensors.torch import load_file
 
 # The test command runs the same property examples every time: a failure there is
 # reproducible from the log, never a one-off. `HYPOTHESIS_PROFILE=explore` searches afresh.
@@ -29,12 +31,18 @@ def quiet(_msg: str) -> None:
 def one_thread():
     """Tiny models gain nothing from threads; on a shared 2-core machine idle OpenMP
     workers spinning against other jobs make them ten times slower."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_same_final_and_ledger(a: Path, b: Path) -> None:
+    """Two runs ended with the same weights, bit for bit, after the same messages."""
+    want = load_file(next((a / "final").glob("*.safetensors")))
+    got = load_file(next((b / "final").glob("*.safetensors")))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert (a / "ledger.jsonl").read_text() == (b / "ledger.jsonl").read_text()
 
 
 def shared_data() -> Path:

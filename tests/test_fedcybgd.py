@@ -21,7 +21,7 @@ from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
 from fedbits.wire import header_size
 
-from conftest import TINY, quiet
+from conftest import TINY, assert_same_final_and_ledger, quiet
 
 LAYERS = 6
 
@@ -210,10 +210,7 @@ def test_resume_is_bit_identical(tmp_path, six_layers):
     run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=quiet)
     resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=4"]),
                              resume=True, log=quiet)
-    want = load_file(next((straight / "final").glob("*.safetensors")))
-    got = load_file(next((resumed / "final").glob("*.safetensors")))
-    assert all(torch.equal(want[k], got[k]) for k in want)
-    assert (straight / "ledger.jsonl").read_text() == (resumed / "ledger.jsonl").read_text()
+    assert_same_final_and_ledger(straight, resumed)
     # a client synced twice before the resume, so its store was in use across it
     assert any(s["blocks_received"] < LAYERS for row in _rows(resumed / "metrics.jsonl")[3:]
                for s in row["client_stats"].values())

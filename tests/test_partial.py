@@ -23,7 +23,7 @@ from fedbits.runtime.setup import prepare_run
 from fedbits.server_opt import ReddiAdaptive
 from fedbits.wire import Direction, Layout, Writer, encode_message, header_size
 
-from conftest import TINY, quiet
+from conftest import TINY, assert_same_final_and_ledger, quiet
 
 FAST = ["eval.metrics=['loss']", "eval.max_examples=8", "clients.local_steps=2"]
 
@@ -266,10 +266,7 @@ def test_fedyogi_run_resumes_from_its_checkpoint(tmp_path):
     run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=1"]), log=quiet)
     resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]),
                              resume=True, log=quiet)
-    want = load_file(next((straight / "final").glob("*.safetensors")))
-    got = load_file(next((resumed / "final").glob("*.safetensors")))
-    assert all(torch.equal(want[k], got[k]) for k in want)
-    assert (straight / "ledger.jsonl").read_text() == (resumed / "ledger.jsonl").read_text()
+    assert_same_final_and_ledger(straight, resumed)
 
 
 def test_bad_uplinks_are_rejected_naming_the_client(tiny_overrides):

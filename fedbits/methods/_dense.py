@@ -26,8 +26,8 @@ from fedbits.errors import ClientError
 from fedbits.methods._updates import (
     DeltaUpdate,
     check_change,
-    load_tensors,
-    tensors_state,
+    load_optimizer_checkpoint,
+    optimizer_checkpoint,
     train_change,
     weighted_change,
 )
@@ -175,11 +175,10 @@ class DenseServer(_DenseHalf):
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": tensors_state(self.params), "optimizer": self.optimizer.state_dict()}
+        return optimizer_checkpoint(self.params, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_tensors(self.params, state["params"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_checkpoint(self.params, self.optimizer, state)
 
     def save_final(self, path: Path) -> None:
         self.model.save_pretrained(path)

@@ -86,3 +86,16 @@ def load_tensors(params: Mapping[str, nn.Parameter], saved: Mapping[str, Any]) -
     """Overwrite the server's tensors in place from :func:`tensors_state`."""
     for n, p in params.items():
         p.copy_(saved[n])
+
+
+def optimizer_checkpoint(params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A server's tensors and its server optimizer's state, for the run's checkpoint."""
+    return {"params": tensors_state(params), "optimizer": optimizer.state_dict()}
+
+
+def load_optimizer_checkpoint(
+    params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+) -> None:
+    """Restore :func:`optimizer_checkpoint` in place: a resumed run continues bit for bit."""
+    load_tensors(params, state["params"])
+    optimizer.load_state_dict(state["optimizer"])

@@ -54,8 +54,8 @@ from fedbits.methods._blocks import (
 from fedbits.methods._updates import (
     DeltaUpdate,
     check_change,
-    load_tensors,
-    tensors_state,
+    load_optimizer_checkpoint,
+    optimizer_checkpoint,
     train_change,
     weighted_change,
 )
@@ -153,11 +153,10 @@ class PartialServer(_PartialHalf):
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": tensors_state(self.params), "optimizer": self.optimizer.state_dict()}
+        return optimizer_checkpoint(self.params, self.optimizer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_tensors(self.params, state["params"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_checkpoint(self.params, self.optimizer, state)
         self._values = None
 
     def save_final(self, path: Path) -> None:
