@@ -104,7 +104,7 @@ def main() -> None:
             raise SystemExit(f"{T0} is absent: the T0 comparison needs the shared data")
         tasks = len(list((T0 / "train").glob("*.jsonl*")))  # natural: one client per task file
         base["data"] = {"source": str(T0 / "train"), "partition": "natural", "partition_by": "task",
-                        "num_clients": tasks, "eval_source": str(T0 / "heldout"), "max_examples": 2000}
+                        "num_clients": tasks, "eval_source": str(T0 / "heldout")}
         base["eval"]["metrics"] = ["loss", "rougeL"]
         base["eval"]["max_new_tokens"] = 32
     out: dict = {"setting": {k: base[k] for k in ("run", "model", "data", "clients", "eval")},
