@@ -17,6 +17,7 @@ import random
 import resource
 import sys
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -92,7 +93,7 @@ def _summary_line(row: dict[str, Any], rounds: int) -> str:
     return " | ".join(parts)
 
 
-class RoundLoop:
+class RoundLoop(ABC):
     """A run's server side, whatever carries the bytes; runtimes implement :meth:`exchange`."""
 
     def __init__(self, setup: RunSetup, run_dir: Path, log: Callable[[str], None] = print) -> None:
@@ -107,6 +108,7 @@ class RoundLoop:
         self.show_progress = sys.stderr.isatty()
 
     # -- what a runtime provides ----------------------------------------------------
+    @abstractmethod
     def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
         """Deliver each client's downlink (:meth:`encode_downlink`) and pass what came
         back to ``settle``, once per client, in the order of ``clients``.
@@ -114,7 +116,6 @@ class RoundLoop:
         The simulator settles a client before it encodes the next one's downlink, so a
         round holds one downlink at a time; a distributed runtime sends them all first.
         """
-        raise NotImplementedError
 
     def encode_downlink(self, round_: int, client: int) -> bytes | Reply:
         """The client's downlink, or (a bad client never stops the round) why there is none."""
