@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--t0", action="store_true", help="one T0 task per client, Rouge-L")
     parser.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke run")
+    parser.add_argument("--flasc-server", action="store_true",
+                        help="every run (fedit too) uses FLASC's server: Adam, lr 1e-3, β2 0.999, ε 1e-8")
     parser.add_argument("--only", nargs="+", metavar="RUN", choices=list(runs()),
                         help="run only these (e.g. --only fedit 'flasc 1/16' for a longer comparison)")
     args = parser.parse_args()
@@ -99,6 +101,10 @@ def main() -> None:
     if not args.t0:  # exact match is 0.00 at round 0 and generation dominates a run: compare held-out loss
         base["eval"]["metrics"] = ["loss"]
     base["model"]["name"] = args.model
+    server = list(LORA)
+    if args.flasc_server:
+        base["method"].update(server_opt="fedadam", server_lr=1e-3, server_beta2=0.999, server_eps=1e-8)
+        server += ["server_lr", "server_beta2", "server_eps"]
     if args.t0:
         if not T0.is_dir():
             raise SystemExit(f"{T0} is absent: the T0 comparison needs the shared data")
@@ -108,13 +114,13 @@ def main() -> None:
         base["eval"]["metrics"] = ["loss", "rougeL"]
         base["eval"]["max_new_tokens"] = 32
     out: dict = {"setting": {k: base[k] for k in ("run", "model", "data", "clients", "eval")},
-                 "lora": {k: base["method"][k] for k in LORA}, "runs": {}}
+                 "lora": {k: base["method"][k] for k in server}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, method in runs().items():
             if args.only and name not in args.only:
                 continue
             raw = {**base, "run": {**base["run"], "out_dir": tmp, "name": name.replace(" ", "_").replace("/", "-")},
-                   "method": {**method, **{k: base["method"][k] for k in LORA}}}
+                   "method": {**method, **{k: base["method"][k] for k in server}}}
             cfg = Config.model_validate(raw)
             validate_references(cfg)
             print(f"== {name}", flush=True)
@@ -133,7 +139,7 @@ def main() -> None:
         out["runs"][f"flasc {label}"]["codec_share_of_client_round"] = seconds / per_client
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("_t0" if args.t0 else "") + ("" if args.model == "smollm2-135m" else f"_{args.model}")
-    suffix += "" if args.rounds == 3 else f"_{args.rounds}rounds"
+    suffix += ("" if args.rounds == 3 else f"_{args.rounds}rounds") + ("_adam" if args.flasc_server else "")
     path = RESULTS / f"flasc{suffix}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
