@@ -62,7 +62,8 @@ def summarise(run_dir: Path) -> dict:
         "up_per_client_round": up / n,
         "down_per_client_round": down / n,
         "seconds_per_client": sum(r["train_seconds"] for r in trained) / sum(len(r["clients"]) for r in trained),
-        "eval": [{k: v for k, v in r.items() if k.startswith("eval_")} for r in rows],
+        "eval": [{k: v for k, v in r.items() if k.startswith("eval_") or k in ("rougeL", "exact_match")}
+                 for r in rows],
         "rejected": sum(len(r["rejected"]) for r in rows),
     }
 
