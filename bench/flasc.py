@@ -12,7 +12,7 @@ client from ``t0/train`` and Rouge-L on ``t0/heldout``.
 
 Writes ``bench/results/flasc.json`` (or ``flasc_t0.json``).
 
-    python bench/flasc.py [--rounds 3] [--t0] [--only fedit 'flasc 1/16'] [--server-avg]
+    python bench/flasc.py [--rounds 3] [--t0] [--only fedit 'flasc 1/16'] [--server-avg] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def runs() -> dict[str, dict]:
     for label, density in (("1/4", 0.25), ("1/16", 0.0625), ("1/64", 0.015625)):
         out[f"flasc {label}"] = {**flasc, "density_up": density, "density_down": density}
     out["flasc 1/64 no error feedback"] = {**out["flasc 1/64"], "error_feedback": False}
+    for label in ("1/16", "1/64"):  # the downlink carries the change since the seeded initial adapter
+        out[f"flasc {label} from init"] = {**out[f"flasc {label}"], "downlink_base": "init"}
     return out
 
 
@@ -93,6 +95,7 @@ def main() -> None:
                         help="every run uses plain averaging (server lr 1) instead of the example's server")
     parser.add_argument("--only", nargs="+", metavar="RUN", choices=list(runs()),
                         help="run only these (e.g. --only fedit 'flasc 1/16' for a longer comparison)")
+    parser.add_argument("--tag", help="appended to the results file name, to keep earlier results")
     args = parser.parse_args()
     if args.only and "fedit" not in args.only:
         parser.error("--only needs fedit: every figure is relative to it")
@@ -142,6 +145,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("_t0" if args.t0 else "") + ("" if args.model == "smollm2-135m" else f"_{args.model}")
     suffix += ("" if args.rounds == 3 else f"_{args.rounds}rounds") + ("_avg" if args.server_avg else "")
+    suffix += f"_{args.tag}" if args.tag else ""
     path = RESULTS / f"flasc{suffix}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

@@ -84,6 +84,30 @@ def test_downlink_is_the_global_top_k_and_client_freeze_keeps_the_mask(tiny_over
     assert torch.all(trained[outside] == 0)  # zero-filled and kept at zero
 
 
+def test_downlink_from_init_sends_the_change_and_the_rest_keeps_its_initial_value(tiny_overrides, tmp_path):
+    """downlink_base = "init": the top-k is over the change since the seeded initial
+    adapter, and a client fills what did not come down with its own initial weights."""
+    server, client, data, _ = _halves(tiny_overrides, [
+        "method.density_down=0.25", "method.density_up=1.0", "method.client_freeze=true",
+        "method.downlink_base='init'"])
+    initial = server.layout.flatten(server.params, torch.float32).clone()
+    change = torch.randn_like(initial)
+    with torch.no_grad():
+        for name, c in server.layout.unflatten(change).items():
+            server.params[name].add_(c)
+    want = change.abs().topk(int(0.25 * change.numel())).indices
+    stores = ClientStores(tmp_path / "store")
+    up = client.update(1, 0, server.downlink(1, 0), data, stores.for_client(0, 1))
+    delta = server.layout.flatten(server.decode_uplink(1, 0, up).delta, torch.float32)
+    trained = server.layout.flatten(client.params, torch.float32)
+    received = trained - delta
+    inside = torch.zeros_like(initial, dtype=torch.bool)
+    inside[want] = True
+    assert torch.equal(trained[~inside], initial[~inside])  # never sent, kept at init
+    torch.testing.assert_close(received[inside], initial[inside] + change[inside])
+    assert delta[inside].abs().sum() > 0 and torch.all(delta[~inside] == 0)
+
+
 def test_freeze_a_sends_only_b(tiny_overrides):
     server, _, _, _ = _halves(tiny_overrides, ["method.freeze_a=true"])
     names = server.layout.names

@@ -38,6 +38,7 @@ from fedbits.wire import Direction, Layout, Reader, Writer, decode_message, enco
 from fedbits.wire.layout import check_fingerprint, read_tensors, write_tensors
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
+DownlinkBase = Literal["zero", "init"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,6 +54,12 @@ class DenseOptions(ServerOptOptions):
     downlink: list[str] = Field(default_factory=list, description="codec chain for the weights sent down")
     error_feedback: bool = Field(
         False, description="the client adds what its uplink chain dropped last time to its next change"
+    )
+    downlink_base: DownlinkBase = Field(
+        "zero",
+        description="'zero': the weights go down and what a sparse chain leaves out is zero; "
+        "'init': the change since the initial weights (which every client rebuilds from the "
+        "seed) goes down and what is left out keeps its initial value",
     )
 
     @model_validator(mode="after")
@@ -96,6 +103,10 @@ class _DenseHalf:
         self.segments = [p.numel() for p in self.params.values()]
         self.wire_dtype = _DTYPES[ctx.options.wire_dtype]
         self.chains = chains or chains_from_options(ctx.options)
+        # with downlink_base "init" the downlink carries the change since these weights
+        self.initial: dict[str, torch.Tensor] | None = None
+        if ctx.options.downlink_base == "init":
+            self.initial = {n: p.detach().clone() for n, p in self.params.items()}
 
     def _write_values(
         self, w: Writer, tensors: dict[str, torch.Tensor], chain: Chain | None,
@@ -151,7 +162,10 @@ class DenseServer(_DenseHalf):
         if self._sent is None or self._sent[0] != round_:
             w = Writer()
             gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.run.seed, "downlink", round_))
-            self._write_values(w, self.params, self.chains(round_, Direction.DOWN), gen)
+            weights: dict[str, torch.Tensor] = self.params
+            if self.initial is not None:
+                weights = {n: p.detach() - self.initial[n] for n, p in self.params.items()}
+            self._write_values(w, weights, self.chains(round_, Direction.DOWN), gen)
             self._sent = (round_, encode_message(self.name, round_, Direction.DOWN, w.getvalue()))
         return self._sent[1]
 
@@ -188,7 +202,8 @@ class DenseClient(_DenseHalf):
     """One working model, reused for every client this process simulates.
 
     ``train_received_only``: with a sparse downlink, train only the positions that
-    came down and keep the rest at zero (the pruning-style sparse-LoRA baseline).
+    came down and keep the rest where the download left them (zero, or the initial
+    value with ``downlink_base = "init"``): the pruning-style sparse-LoRA baseline.
     """
 
     def __init__(
@@ -209,6 +224,8 @@ class DenseClient(_DenseHalf):
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(received[name])
+                if self.initial is not None:
+                    p.add_(self.initial[name])
         after_step = None
         if self.train_received_only and sent_indices is not None:
             after_step = self._keep_only(sent_indices)
@@ -224,14 +241,18 @@ class DenseClient(_DenseHalf):
         return encode_message(self.name, round_, Direction.UP, w.getvalue())
 
     def _keep_only(self, indices: torch.Tensor) -> Callable[[], None]:
-        """A step hook that zeroes every trainable position not in ``indices``."""
+        """A step hook that puts every trainable position not in ``indices`` back to its
+        downloaded value (zero, or the initial value)."""
         flat = torch.zeros(self.layout.numel, dtype=torch.bool)
         flat[indices] = True
         masks = self.layout.unflatten(flat)
 
         @torch.no_grad()
-        def zero_the_rest() -> None:
+        def reset_the_rest() -> None:
             for name, p in self.params.items():
-                p.masked_fill_(~masks[name], 0.0)
+                if self.initial is None:
+                    p.masked_fill_(~masks[name], 0.0)
+                else:
+                    p.copy_(torch.where(masks[name], p, self.initial[name]))
 
-        return zero_the_rest
+        return reset_the_rest
