@@ -291,3 +291,25 @@ def test_bad_uplinks_are_rejected_naming_the_client(tiny_overrides):
         server.decode_uplink(1, 2, encode_message("partial", 1, Direction.UP, foreign.getvalue()))
     good = client.update(1, 2, server.downlink(1, 2), _data(setup, 2, 1), None)
     server.aggregate(1, [server.decode_uplink(1, 2, good)])  # the round goes on with good ones
+
+
+@pytest.mark.parametrize("base", ["zero", "init"])
+def test_sparse_downlink_fills_what_was_not_sent_by_downlink_base(tiny_overrides, base):
+    setup, server, client = _halves(tiny_overrides + FAST + [
+        "method.name=partial", "method.layer_fraction=0.5", "method.uplink=[]",
+        "method.downlink=['topk:0.25']", f"method.downlink_base='{base}'"])
+    initial = server.layout.flatten(server.params, torch.float32).clone()
+    change = torch.randn_like(initial)
+    with torch.no_grad():
+        for name, c in server.layout.unflatten(change).items():
+            server.params[name].add_(c)
+    sent = server.params if base == "zero" else server.layout.unflatten(change)
+    sent_flat = server.layout.flatten(sent, torch.float32)
+    top = torch.zeros_like(initial, dtype=torch.bool)
+    top[sent_flat.abs().topk(int(0.25 * initial.numel())).indices] = True
+    (update,) = _round(setup, server, client, 1)
+    received = server.layout.flatten(client.params, torch.float32) - server.layout.flatten(
+        update.delta, torch.float32)
+    fill = initial if base == "init" else torch.zeros_like(initial)
+    torch.testing.assert_close(received[~top], fill[~top])
+    torch.testing.assert_close(received[top], (initial + change)[top])

@@ -14,6 +14,7 @@ else the chain's payload (``fedbits.compress``), which runs to the end of the bo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
@@ -25,6 +26,7 @@ from fedbits.compress import Chain, ErrorFeedback, parse_chain
 from fedbits.errors import ClientError
 from fedbits.methods._updates import (
     DeltaUpdate,
+    DownlinkFill,
     check_change,
     load_optimizer_checkpoint,
     optimizer_checkpoint,
@@ -103,13 +105,10 @@ class _DenseHalf:
         self.segments = [p.numel() for p in self.params.values()]
         self.wire_dtype = _DTYPES[ctx.options.wire_dtype]
         self.chains = chains or chains_from_options(ctx.options)
-        # with downlink_base "init" the downlink carries the change since these weights
-        self.initial: dict[str, torch.Tensor] | None = None
-        if ctx.options.downlink_base == "init":
-            self.initial = {n: p.detach().clone() for n, p in self.params.items()}
+        self.fill = DownlinkFill(ctx.options.downlink_base, self.params)
 
     def _write_values(
-        self, w: Writer, tensors: dict[str, torch.Tensor], chain: Chain | None,
+        self, w: Writer, tensors: Mapping[str, torch.Tensor], chain: Chain | None,
         generator: torch.Generator, feedback: ErrorFeedback | None = None,
     ) -> None:
         if chain is None:
@@ -162,10 +161,7 @@ class DenseServer(_DenseHalf):
         if self._sent is None or self._sent[0] != round_:
             w = Writer()
             gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.run.seed, "downlink", round_))
-            weights: dict[str, torch.Tensor] = self.params
-            if self.initial is not None:
-                weights = {n: p.detach() - self.initial[n] for n, p in self.params.items()}
-            self._write_values(w, weights, self.chains(round_, Direction.DOWN), gen)
+            self._write_values(w, self.fill.to_send(self.params), self.chains(round_, Direction.DOWN), gen)
             self._sent = (round_, encode_message(self.name, round_, Direction.DOWN, w.getvalue()))
         return self._sent[1]
 
@@ -221,11 +217,7 @@ class DenseClient(_DenseHalf):
         r = self._open(downlink, round_, Direction.DOWN, f"downlink to client {client}")
         received, sent_indices = self._read_values(r, self.chains(round_, Direction.DOWN), "weights")
         r.finish()
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(received[name])
-                if self.initial is not None:
-                    p.add_(self.initial[name])
+        self.fill.receive(self.params, received)
         after_step = None
         if self.train_received_only and sent_indices is not None:
             after_step = self._keep_only(sent_indices)
@@ -247,12 +239,8 @@ class DenseClient(_DenseHalf):
         flat[indices] = True
         masks = self.layout.unflatten(flat)
 
-        @torch.no_grad()
         def reset_the_rest() -> None:
             for name, p in self.params.items():
-                if self.initial is None:
-                    p.masked_fill_(~masks[name], 0.0)
-                else:
-                    p.copy_(torch.where(masks[name], p, self.initial[name]))
+                self.fill.reset_unsent(name, p, masks[name])
 
         return reset_the_rest

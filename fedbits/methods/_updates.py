@@ -99,3 +99,37 @@ def load_optimizer_checkpoint(
     """Restore :func:`optimizer_checkpoint` in place: a resumed run continues bit for bit."""
     load_tensors(params, state["params"])
     optimizer.load_state_dict(state["optimizer"])
+
+
+class DownlinkFill:
+    """What a client has where a sparse downlink sent nothing (``method.downlink_base``).
+
+    ``"zero"``: the weights go down and what is left out is zero (FLASC). ``"init"``:
+    the change since the initial weights goes down and what is left out keeps its
+    initial value. Both sides rebuild the initial weights from the seed, so they cost
+    no bytes, and a sparse downlink no longer zeroes most of a pretrained matrix or a
+    LoRA A (which starts random, so a top-k of |w| is almost all A for many rounds).
+    """
+
+    def __init__(self, base: str, params: Mapping[str, torch.Tensor]) -> None:
+        self.initial = {n: p.detach().clone() for n, p in params.items()} if base == "init" else None
+
+    def to_send(self, params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        if self.initial is None:
+            return params
+        return {n: p.detach() - self.initial[n] for n, p in params.items()}
+
+    @torch.no_grad()
+    def receive(self, params: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> None:
+        for name, p in params.items():
+            p.copy_(received[name])
+            if self.initial is not None:
+                p.add_(self.initial[name])
+
+    @torch.no_grad()
+    def reset_unsent(self, name: str, p: torch.Tensor, sent: torch.Tensor) -> None:
+        """Put the positions of ``p`` outside the boolean mask ``sent`` back to their fill."""
+        if self.initial is None:
+            p.masked_fill_(~sent, 0.0)
+        else:
+            p.copy_(torch.where(sent, p, self.initial[name]))

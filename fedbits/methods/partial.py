@@ -53,6 +53,7 @@ from fedbits.methods._blocks import (
 )
 from fedbits.methods._updates import (
     DeltaUpdate,
+    DownlinkFill,
     check_change,
     load_optimizer_checkpoint,
     optimizer_checkpoint,
@@ -91,6 +92,7 @@ class _PartialHalf:
         self.params = {n: candidates[n] for n in self.subset.universe}
         train_only(self.model, self.params)
         self.layout = Layout.of(self.params)
+        self.fill = DownlinkFill(opts.downlink_base, self.params)
         self.wire_dtype: torch.dtype = getattr(torch, opts.wire_dtype)
         self.up: Chain | None = parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
         self.down: Chain | None = (
@@ -117,8 +119,8 @@ class PartialServer(_PartialHalf):
         if self._values is None or self._values[0] != round_:
             w = Writer()
             gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.run.seed, "downlink", round_))
-            write_values(w, self.layout, self.params, wire_dtype=self.wire_dtype, chain=self.down,
-                         generator=gen)
+            write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
+                         chain=self.down, generator=gen)
             self._values = (round_, w.getvalue())
         body = Writer().u32(slot).raw(self._values[1]).getvalue()
         return encode_message(self.name, round_, Direction.DOWN, body)
@@ -177,9 +179,7 @@ class PartialClient(_PartialHalf):
         received = read_values(r, self.layout, wire_dtype=self.wire_dtype, chain=self.down,
                                field="weights")
         r.finish()
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(received[name])
+        self.fill.receive(self.params, received)
         del received
         block, names = self.subset.select(round_, slot)
         trained = {n: self.params[n] for n in names}

@@ -10,6 +10,8 @@ which runs to the end of the body.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from fedbits.compress import Chain, ErrorFeedback
@@ -39,7 +41,7 @@ def segments(layout: Layout) -> list[int]:
 
 
 def write_values(
-    w: Writer, layout: Layout, tensors: dict[str, torch.Tensor], *, wire_dtype: torch.dtype,
+    w: Writer, layout: Layout, tensors: Mapping[str, torch.Tensor], *, wire_dtype: torch.dtype,
     chain: Chain | None, generator: torch.Generator, feedback: ErrorFeedback | None = None,
 ) -> None:
     if chain is None:
