@@ -11,7 +11,10 @@ whichever is smallest) is counted in every byte the ledger records.
 
 Variants: ``client_freeze`` trains only the positions that came down (the
 pruning-style sparse-LoRA baseline); ``freeze_a`` keeps every LoRA A at its shared
-initialisation and moves only B (FFA-LoRA).
+initialisation and moves only B (FFA-LoRA); ``downlink_base = "init"`` sends the
+top-k of the change since the seeded initial adapter instead of the weights, so the
+random LoRA A (which every client rebuilds for free) is not zeroed and the download
+is not spent on it (docs/compress.md measures both).
 """
 
 from __future__ import annotations
