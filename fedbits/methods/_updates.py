@@ -109,6 +109,7 @@ class DownlinkFill:
     initial value. Both sides rebuild the initial weights from the seed, so they cost
     no bytes, and a sparse downlink no longer zeroes most of a pretrained matrix or a
     LoRA A (which starts random, so a top-k of |w| is almost all A for many rounds).
+    ``"init"`` keeps one copy of the trainable tensors on each side.
     """
 
     def __init__(self, base: str, params: Mapping[str, torch.Tensor]) -> None:
