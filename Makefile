@@ -30,5 +30,5 @@ test: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/round_cost.py
 
-clean:
-	rm -rf $(VENV) runs bench/results
+clean:  ## remove the environment and local runs (bench/results holds committed figures: kept)
+	rm -rf $(VENV) runs
