@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.filterwarnings("ignore:flasc with method.server_opt = 'avg'")
 def test_flasc_sends_a_fraction_of_fedit_bytes_and_learns(tiny_overrides):
     common = tiny_overrides + ["run.rounds=2", "method.lora_r=4", "clients.local_steps=4",
                                "eval.metrics=['loss']"]
@@ -121,6 +123,7 @@ def test_density_decays_on_schedule(tiny_overrides):
     assert [opts.density(r, Direction.UP) for r in (1, 2, 3, 4, 5)] == [0.5, 0.5, 0.25, 0.25, 0.125]
 
 
+@pytest.mark.filterwarnings("ignore:flasc with method.server_opt = 'avg'")
 @pytest.mark.parametrize(
     ("extra", "lr"),
     [([], 1e-3), (["method.server_opt='avg'"], 1.0), (["method.server_opt='fedyogi'"], 1.0),
@@ -130,6 +133,17 @@ def test_server_lr_default_follows_the_server_optimizer(tiny_overrides, extra, l
     """FLASC's Adam rate 1e-3 would make plain averaging move the adapter 1000× too little."""
     cfg = load_config(TINY, tiny_overrides + FLASC + extra)
     assert get_method("flasc").options.model_validate(cfg.method.options()).server_lr == lr
+
+
+def test_plain_averaging_over_a_sparse_download_warns_and_fedadam_does_not(tiny_overrides):
+    options = get_method("flasc").options
+    with pytest.warns(UserWarning, match="server_opt = 'avg'.*drifts"):
+        options.model_validate(load_config(TINY, tiny_overrides + FLASC + ["method.server_opt='avg'"]).method.options())
+    dense_down = ["method.server_opt='avg'", "method.density_down=1.0"]
+    for extra in ([], dense_down):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            options.model_validate(load_config(TINY, tiny_overrides + FLASC + extra).method.options())
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedit"])
