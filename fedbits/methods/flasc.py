@@ -85,7 +85,6 @@ class FlascOptions(FedITOptions):
                 "drifts after a few rounds (docs/compress.md: held-out loss 2.99 vs fedit's 0.56 "
                 "at 10 rounds); FLASC's server is 'fedadam' with server_lr 1e-3",
                 UserWarning,
-                stacklevel=2,
             )
         return self
 
