@@ -12,7 +12,16 @@ import sys
 from pathlib import Path
 
 from fedbits import __version__
-from fedbits.errors import FedbitsError
+from fedbits.errors import FedbitsError, NoUpdateAccepted
+
+
+def say(msg: str) -> None:
+    """Print one progress line. When stdout is a pipe that closed (``fedbits run … | head``)
+    the run goes on silently: losing the output must not lose the run."""
+    try:
+        print(msg, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -20,7 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from fedbits.runtime import run_experiment
 
     cfg = load_config(args.config, args.set)
-    run_experiment(cfg, resume=args.resume, overwrite=args.overwrite)
+    run_experiment(cfg, resume=args.resume, overwrite=args.overwrite, log=say)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -32,7 +41,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from fedbits.report import compare_runs
 
-    table, png = compare_runs([Path(r) for r in args.runs], Path(args.out))
+    # --out stays a string: a trailing "/" (write into that directory) is lost in a Path
+    table, png = compare_runs([Path(r) for r in args.runs], args.out)
     print(table)
     print(f"plot: {png}")
 
@@ -43,15 +53,20 @@ def _cmd_data(args: argparse.Namespace) -> None:
     from fedbits.data.partition import describe_partitions, partition, split_eval
 
     cfg = load_config(args.config, args.set)
+    say(f"loading {cfg.data.source} ...")
     examples = load_examples(
         cfg.data.source, seed=cfg.run.seed, builtin_per_task=cfg.data.builtin_per_task,
         max_examples=cfg.data.max_examples,
     )
     train, held_out = split_eval(examples, cfg.data, cfg.run.seed)
+    say(f"partitioning {len(train)} training examples into {cfg.data.num_clients} clients "
+        f"({cfg.data.partition}) ...")
     parts = partition(train, cfg.data, cfg.run.seed)
-    print(f"{cfg.data.source}: {len(examples)} examples, {len(train)} train, {len(held_out)} held out")
+    say(f"{cfg.data.source}: {len(examples)} examples, {len(train)} train, "
+        f"{len(held_out)} held out")
+    say(f"{'client':>6}  {'size':>7}  {'tasks':>5}  largest tasks")
     for row in describe_partitions(parts):
-        print("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+        say(f"{row['client']:>6}  {row['size']:>7}  {row['tasks']:>5}  {row['largest']}")
 
 
 def _cmd_model(args: argparse.Namespace) -> None:
@@ -65,19 +80,21 @@ def _cmd_model(args: argparse.Namespace) -> None:
 
 
 def _cmd_methods(args: argparse.Namespace) -> None:
-    from fedbits.methods import available_methods, get_method
+    from fedbits.methods import available_methods, describe_options, get_method
 
     for name in available_methods():
         spec = get_method(name)
         print(f"{name:12s} {spec.summary}")
         if args.verbose:
-            for key, field in spec.options.model_fields.items():
-                print(f"    {key} = {field.default!r}  {field.description or ''}")
+            for line in describe_options(spec.options):
+                print(f"    {line}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedbits", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"fedbits {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -97,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="compare runs: table + quality-vs-bytes plot")
     cmp_.add_argument("runs", nargs="+")
-    cmp_.add_argument("--out", default="compare.png")
+    cmp_.add_argument("--out", metavar="FILE|DIR/",
+                      help="plot file (.png, .svg or .pdf), or a directory to hold compare.png "
+                      "(default: compare.png in the directory holding the runs)")
     cmp_.set_defaults(func=_cmd_compare)
 
     data = sub.add_parser("data", help="load a config's data and show its partitions")
@@ -124,14 +143,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not sys.stderr.isatty():  # library progress bars only clutter logs and CI output
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # flwr-datasets' bars take no switch
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
         args.func(args)
+    except NoUpdateAccepted as e:  # the run itself failed, not its input
+        if args.debug:
+            raise
+        print(f"fedbits: error: {e}", file=sys.stderr)
+        return 1
     except FedbitsError as e:
+        if args.debug:
+            raise
         print(f"fedbits: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission: the user's to fix, named in one line
+        if args.debug:
+            raise
+        print(f"fedbits: error: {e} (--debug shows where)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedbits: interrupted (completed rounds are checkpointed; use --resume)",
               file=sys.stderr)

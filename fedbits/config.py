@@ -14,7 +14,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 
 from fedbits.errors import ConfigError
 
@@ -23,11 +25,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+MAX_SEED = 2**32 - 1  # numpy's and torch's generators take seeds in [0, 2**32)
+
+
 class RunSection(_Section):
-    name: str = "quickstart"
-    seed: int = 0
+    name: str = Field(
+        "quickstart", description="the run directory's name under out_dir: one directory "
+        "name, no separators, '.' or '..' (so a run never writes or deletes outside out_dir)"
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     rounds: int = Field(5, ge=0)
-    out_dir: str = "runs"
+    out_dir: str = Field("runs", min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _one_directory_name(cls, name: str) -> str:
+        if name.strip() in {"", ".", ".."}:
+            raise ValueError(f"{name!r} is not a run name: give a directory name such as 'lr-1e-3'")
+        if "/" in name or "\\" in name:
+            raise ValueError(f"{name!r} must be a single directory name under run.out_dir "
+                             "(no '/' or '\\'; set run.out_dir to choose where runs go)")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError(f"{name!r} holds a control character (newline, tab, ...)")
+        if len(name.encode()) > 200:
+            raise ValueError("is longer than 200 bytes")
+        return name
 
 
 class ModelSection(_Section):
@@ -122,6 +144,14 @@ class Config(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
+    @model_validator(mode="after")
+    def _cohort_fits(self) -> "Config":
+        per_round, n = self.clients.per_round, self.data.num_clients
+        if per_round is not None and per_round > n:
+            raise ValueError(f"clients.per_round={per_round} is more than data.num_clients={n}: "
+                             f"a round samples at most {n} clients")
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
@@ -134,15 +164,26 @@ class Config(_Section):
             return max(1, round(self.clients.fraction * n))
         return n
 
+    def resolved(self) -> dict[str, Any]:
+        """Every value the run uses, the method's own option defaults included: what
+        ``config.toml`` records and what ``--resume`` compares."""
+        from fedbits.methods import get_method
+
+        data = self.model_dump(mode="json", exclude_none=True)
+        options = get_method(self.method.name).options.model_validate(self.method.options())
+        data["method"] = {"name": self.method.name,
+                          **options.model_dump(mode="json", exclude_none=True)}
+        return data
+
     def to_toml(self) -> str:
-        return dumps_toml(self.model_dump(mode="json", exclude_none=True))
+        return dumps_toml(self.resolved())
 
 
 def _describe(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        key = ".".join(str(p) for p in e["loc"])
+        msg = _message(e)
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             section_model = _section_model(e["loc"])
@@ -150,8 +191,16 @@ def _describe(err: ValidationError, origin: str) -> str:
                 msg += f" (allowed: {', '.join(sorted(section_model.model_fields))})"
         elif e["type"] == "literal_error" and "expected" in (e.get("ctx") or {}):
             msg = f"must be one of {e['ctx']['expected']}, got {e['input']!r}"
-        lines.append(f"{origin}: {key}: {msg}")
+        lines.append(f"{origin}: {key}: {msg}" if key else f"{origin}: {msg}")
     return "\n".join(lines)
+
+
+def _message(error: Any) -> str:
+    """pydantic's message without its internals (a validator's own text, not
+    ``Value error, ...``)."""
+    if error["type"] == "value_error" and "error" in (error.get("ctx") or {}):
+        return str(error["ctx"]["error"])
+    return str(error["msg"])
 
 
 def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -197,7 +246,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}): is it a TOML "
+                              "config?") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
     for item in overrides:
@@ -226,9 +280,13 @@ def validate_references(cfg: Config, origin: str = "config") -> None:
     except ConfigError as e:
         raise ConfigError(f"{origin}: method.name: {e}") from None
     try:
-        spec.options.model_validate(cfg.method.options())
+        options = spec.options.model_validate(cfg.method.options())
     except ValidationError as e:
         raise ConfigError(_describe_method(e, origin, spec.options)) from None
+    try:
+        options.check_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
     try:
         check_model_name(cfg.model.name)
     except Exception as e:  # ModelError from models
@@ -236,14 +294,21 @@ def validate_references(cfg: Config, origin: str = "config") -> None:
 
 
 def _describe_method(err: ValidationError, origin: str, options: type[BaseModel]) -> str:
+    """One line per error, keyed ``method.<option>``; an error of the options as a whole
+    (a model validator's, with no location) is keyed ``method``, or by nothing when its
+    message already names the keys."""
     lines = []
     for e in err.errors():
-        key = "method." + ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
+        key = ".".join(["method", *(str(p) for p in e["loc"])])
+        msg = _message(e)
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(["name", *sorted(options.model_fields)])
             msg = f"unknown key (allowed: {allowed})"
-        lines.append(f"{origin}: {key}: {msg}")
+        elif e["type"] == "list_type" and isinstance(e["input"], str):
+            item = e["input"]  # TOML `uplink = "int8"` or `--set method.uplink=int8`
+            msg = f'a list, e.g. ["{item}"]'
+        lines.append(f"{origin}: {msg}" if not e["loc"] and msg.startswith("method.")
+                     else f"{origin}: {key}: {msg}")
     return "\n".join(lines)
 
 
@@ -258,13 +323,23 @@ def dumps_toml(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quotes, backslashes and control characters
+    escaped, so any string round-trips through ``tomllib``."""
+    if c in '"\\':
+        return "\\" + c
+    if ord(c) < 32 or ord(c) == 127:
+        return f"\\u{ord(c):04x}"
+    return c
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -28,3 +28,7 @@ class WireError(FedbitsError):
 
 class ClientError(FedbitsError):
     """A client's update was rejected (bad payload, non-finite values, crash)."""
+
+
+class NoUpdateAccepted(FedbitsError):
+    """A run ended without a single accepted client update: its model is untrained."""

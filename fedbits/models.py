@@ -284,6 +284,9 @@ def check_model_name(name: str) -> None:
             raise ModelError(f"GGUF file not found: {name}")
         return
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name} is not a model directory: it holds no config.json "
+                             "(expected a Hugging Face save_pretrained directory)")
         return
     if path.exists():
         raise ModelError(f"model path {name} is neither a directory nor a .gguf file")

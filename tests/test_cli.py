@@ -64,7 +64,8 @@ def test_methods_lists_options(capsys):
 def test_data_shows_partitions(capsys):
     assert main(["data", str(TINY)]) == 0
     out = capsys.readouterr().out
-    assert "client=0" in out and "size=" in out
+    assert "240 examples, 216 train, 24 held out" in out
+    assert "client     size  tasks  largest tasks" in out
 
 
 @pytest.mark.parametrize("cmd", ["report", "compare"])

@@ -33,7 +33,9 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(EXAMPLES / "tiny.toml", ["method.target_modules=['q_proj']"])
     path = tmp_path / "c.toml"
     path.write_text(cfg.to_toml())
-    assert load_config(path) == cfg
+    reloaded = load_config(path)
+    assert reloaded.resolved() == cfg.resolved()
+    assert reloaded.to_toml() == cfg.to_toml()
 
 
 @pytest.mark.parametrize(

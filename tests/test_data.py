@@ -412,8 +412,8 @@ def test_partition_by_answer_with_missing_answers() -> None:
 def test_describe_partitions() -> None:
     parts = [_examples({"a": 2, "b": 1}), []]
     assert describe_partitions(parts) == [
-        {"client": 0, "size": 3, "tasks": 2},
-        {"client": 1, "size": 0, "tasks": 0},
+        {"client": 0, "size": 3, "tasks": 2, "largest": "a (2), b (1)"},
+        {"client": 1, "size": 0, "tasks": 0, "largest": ""},
     ]
 
 

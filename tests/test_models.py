@@ -102,8 +102,13 @@ def test_hub_load_failure_names_model_and_offline_hint(monkeypatch) -> None:
 def test_check_model_name_accepts_the_four_forms(tmp_path) -> None:
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"")
-    for name in [*BUILTIN_MODELS, str(tmp_path), str(gguf), "HuggingFaceTB/SmolLM2-135M"]:
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
+    for name in [*BUILTIN_MODELS, str(saved), str(gguf), "HuggingFaceTB/SmolLM2-135M"]:
         check_model_name(name)
+    with pytest.raises(ModelError, match="holds no config.json"):
+        check_model_name(str(tmp_path))
 
 
 def test_unknown_name_lists_builtins_and_suggests() -> None:

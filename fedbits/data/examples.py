@@ -11,12 +11,14 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+from tqdm.auto import tqdm
 
 from fedbits.errors import DataError
 
@@ -124,7 +126,8 @@ def _load_folder(path: Path) -> list[Example]:
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) in folder")
     examples: list[Example] = []
-    for file in files:
+    # disable=None: a bar on a terminal only; a folder of hundreds of task files takes a while
+    for file in tqdm(files, desc=f"loading {path.name}", unit="file", disable=None, leave=False):
         examples.extend(_load_file(file, task=_task_name(file)))
     return examples
 
@@ -157,13 +160,16 @@ def _load_file(path: Path, task: str | None) -> list[Example]:
 
 
 def _read_text(path: Path) -> str:
+    # utf-8-sig: a leading byte-order mark (as some editors write) is accepted and dropped.
     try:
         if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as f:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as f:
                 return f.read()
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: cannot read file: {e}") from e
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated .gz
+        raise DataError(f"{path}: cannot read file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
 
 
 def _json_array(path: Path, text: str) -> list[Any]:
@@ -180,7 +186,9 @@ def _json_array(path: Path, text: str) -> list[Any]:
 
 def _from_jsonl(path: Path, text: str, task: str | None) -> list[Example]:
     examples = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSONL line: str.splitlines() would also break at U+2028, U+2029 and
+    # U+0085, which are legal inside JSON strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

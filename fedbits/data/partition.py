@@ -9,6 +9,8 @@ is what makes two methods comparable on one run configuration.
 from __future__ import annotations
 
 import random
+from collections import Counter
+from typing import Any
 
 import datasets
 from flwr_datasets.partitioner import (
@@ -165,9 +167,14 @@ def _key(ex: Example, column: str) -> str:
     return getattr(ex, column) or ""
 
 
-def describe_partitions(parts: list[list[Example]]) -> list[dict[str, int]]:
-    """One row per client (size and number of distinct tasks), for ``fedbits data``."""
-    return [
-        {"client": i, "size": len(part), "tasks": len({ex.task for ex in part})}
-        for i, part in enumerate(parts)
-    ]
+def describe_partitions(parts: list[list[Example]], top: int = 3) -> list[dict[str, Any]]:
+    """One row per client for ``fedbits data``: size, number of distinct tasks, and its
+    ``top`` largest tasks by name (with ``natural`` partitions a client *is* a task)."""
+    rows = []
+    for i, part in enumerate(parts):
+        counts = Counter(ex.task or "(no task)" for ex in part)
+        largest = ", ".join(f"{task} ({n})" for task, n in counts.most_common(top))
+        more = f", +{len(counts) - top} more" if len(counts) > top else ""
+        rows.append({"client": i, "size": len(part), "tasks": len(counts),
+                     "largest": largest + more})
+    return rows

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, get_args
 
 import torch
 from pydantic import Field, model_validator
@@ -30,12 +30,17 @@ from fedbits.methods._updates import (
     check_change,
     load_optimizer_checkpoint,
     optimizer_checkpoint,
+    seeded_generator,
     train_change,
     weighted_change,
 )
-from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext
-from fedbits.runtime.setup import derive_seed
-from fedbits.server_opt import ServerOptOptions, apply_pseudo_gradient, make_server_optimizer
+from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext, MethodOptions
+from fedbits.server_opt import (
+    ServerOptName,
+    ServerOptOptions,
+    apply_pseudo_gradient,
+    make_server_optimizer,
+)
 from fedbits.wire import Direction, Layout, Reader, Writer, decode_message, encode_message
 from fedbits.wire.layout import check_fingerprint, read_tensors, write_tensors
 
@@ -44,8 +49,34 @@ DownlinkBase = Literal["zero", "init"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DenseOptions(ServerOptOptions):
+ADAPTIVE_SERVER_LR = 1e-3
+"""The default ``server_lr`` of the adaptive server rules (FLASC's FedAdam setting)."""
+
+
+def default_server_lr(server_opt: ServerOptName) -> float:
+    """The rate a server optimizer gets when the user sets none.
+
+    Averaging and FedAvgM scale the mean change, so 1.0 applies it as it came (FedAvg).
+    FedAdam, FedYogi and FedAdagrad normalise it per weight and move every weight by
+    about ``server_lr`` per round whatever the change's size: at 1.0 that is far beyond
+    a client's own steps and the model diverges (eval loss 5.6 -> 30.7 with fedadam)."""
+    return 1.0 if server_opt in ("avg", "fedavgm") else ADAPTIVE_SERVER_LR
+
+
+class DenseOptions(MethodOptions, ServerOptOptions):
     sparsifies_uplink: ClassVar[bool] = False  # True where the method adds its own top-k
+    # server_opt and server_beta2 are ServerOptOptions' own, restated to carry a description
+    server_opt: ServerOptName = Field(
+        "avg", description="the server's rule on the mean change: plain averaging, FedAvgM, "
+        "FedAdam, FedYogi or FedAdagrad (docs/partial.md)"
+    )
+    server_lr: float = Field(
+        1.0, gt=0, description="the server optimizer's rate; unset, it follows server_opt: "
+        f"1.0 for avg and fedavgm, {ADAPTIVE_SERVER_LR:g} for the adaptive rules"
+    )
+    server_beta2: float = Field(
+        0.99, ge=0, lt=1, description="the adaptive rules' second-moment decay"
+    )
     wire_dtype: WireDtype = Field(
         "float32", description="value type on the wire, both directions, when no chain is set"
     )
@@ -63,6 +94,17 @@ class DenseOptions(ServerOptOptions):
         "'init': the change since the initial weights (which every client rebuilds from the "
         "seed) goes down and what is left out keeps its initial value",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _server_lr_follows_server_opt(cls, data: Any) -> Any:
+        """Fill in the unset ``server_lr`` from the server optimizer (the method's default
+        one when that is unset too); a rate the user gives always wins."""
+        if isinstance(data, dict) and "server_lr" not in data:
+            server_opt = data.get("server_opt", cls.model_fields["server_opt"].default)
+            if server_opt in get_args(ServerOptName):  # else the field reports the bad name
+                return {**data, "server_lr": default_server_lr(server_opt)}
+        return data
 
     @model_validator(mode="after")
     def _chains_are_valid(self) -> "DenseOptions":
@@ -160,7 +202,7 @@ class DenseServer(_DenseHalf):
     def downlink(self, round_: int, client: int) -> bytes:
         if self._sent is None or self._sent[0] != round_:
             w = Writer()
-            gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.run.seed, "downlink", round_))
+            gen = seeded_generator(self.ctx.cfg.run.seed, "downlink", round_)
             self._write_values(w, self.fill.to_send(self.params), self.chains(round_, Direction.DOWN), gen)
             self._sent = (round_, encode_message(self.name, round_, Direction.DOWN, w.getvalue()))
         return self._sent[1]
@@ -228,7 +270,7 @@ class DenseClient(_DenseHalf):
         feedback = None
         if chain is not None and self.ctx.options.error_feedback:
             feedback = ErrorFeedback(store, f"{self.name}-residual", self.layout.numel)
-        up_gen = torch.Generator().manual_seed(derive_seed(data.seed, "uplink"))
+        up_gen = seeded_generator(data.seed, "uplink")
         self._write_values(w, change.delta, chain, up_gen, feedback)
         return encode_message(self.name, round_, Direction.UP, w.getvalue())
 

@@ -16,10 +16,17 @@ import torch
 from torch import nn
 
 from fedbits.config import ClientsSection
-from fedbits.data.batching import iterate_batches
 from fedbits.errors import ClientError
 from fedbits.methods.base import ClientData, ClientUpdate
 from fedbits.train import local_train, make_optimizer
+
+
+def seeded_generator(*parts: int | str) -> torch.Generator:
+    """A torch generator seeded from ``parts`` as the runtime derives seeds, so both
+    halves, on any node, draw the same positions and orders."""
+    from fedbits.runtime.setup import derive_seed  # heavy: imported where used (fedbits.methods)
+
+    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 @dataclass
@@ -39,6 +46,8 @@ def train_change(
     """Train ``trained`` (the caller froze the rest) on the client's batches for this
     round with a fresh optimizer; the data seed fixes batch order and dropout, so every
     runtime computes the same change."""
+    from fedbits.data.batching import iterate_batches  # heavy: imported where used (fedbits.methods)
+
     start = {n: p.detach().clone() for n, p in trained.items()}
     torch.manual_seed(data.seed)  # dropout
     batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps,

@@ -16,12 +16,32 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from fedbits.config import Config
+from fedbits.errors import ConfigError
 
 
 class MethodOptions(BaseModel):
     """Base for a method's options: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+    def check_config(self, cfg: Config) -> None:
+        """Refuse a combination of these options with the rest of ``cfg`` that cannot
+        train (raise :class:`ConfigError` naming the keys), before any work starts.
+        Runs after the options validate; most methods have nothing to check."""
+
+
+def refuse_float16_adamw(cfg: Config, trained: str) -> None:
+    """AdamW cannot train float16 weights in place: its eps (1e-8) and squared gradients
+    underflow to zero in float16, the step turns NaN and every client's loss becomes
+    non-finite in the first round. Methods whose clients train the model's own weights
+    (``trained`` says which) call this; LoRA adapters are float32 whatever the model's
+    dtype, and SGD keeps no second moment."""
+    if cfg.model.dtype == "float16" and cfg.clients.optimizer == "adamw":
+        raise ConfigError(
+            f"model.dtype = 'float16' with clients.optimizer = 'adamw': {cfg.method.name} "
+            f"trains {trained} in float16, where AdamW's steps underflow to NaN; set "
+            "model.dtype to 'bfloat16' or 'float32' (or clients.optimizer = 'sgd')"
+        )
 
 
 @dataclass

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from fedbits.config import Config
 from fedbits.methods import MethodSpec, register
 from fedbits.methods._dense import DenseClient, DenseOptions, DenseServer
+from fedbits.methods.base import refuse_float16_adamw
 
 
 class FedAvgOptions(DenseOptions):
-    pass
+    def check_config(self, cfg: Config) -> None:
+        refuse_float16_adamw(cfg, "every weight of the model")
 
 
 def _prepare(model: nn.Module) -> nn.Module:

@@ -52,6 +52,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, parse_chain
+from fedbits.config import Config
 from fedbits.errors import ClientError, WireError
 from fedbits.methods import MethodSpec, register
 from fedbits.methods._blocks import (
@@ -69,12 +70,19 @@ from fedbits.methods._updates import (
     DeltaUpdate,
     check_change,
     load_tensors,
+    seeded_generator,
     tensors_state,
     train_change,
     weighted_change,
 )
-from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext, MethodOptions
-from fedbits.runtime.setup import derive_seed
+from fedbits.methods.base import (
+    ClientData,
+    ClientStore,
+    ClientUpdate,
+    MethodContext,
+    MethodOptions,
+    refuse_float16_adamw,
+)
 from fedbits.wire import Direction, Layout, Reader, Writer, encode_message
 from fedbits.wire.codec import tensor_bytes, tensor_from_bytes
 from fedbits.wire.layout import check_fingerprint
@@ -98,6 +106,9 @@ class FedCyBGDOptions(MethodOptions):
         "float32", description="value type of the uplink when no chain is set"
     )
     uplink: list[str] = Field(default_factory=list, description="codec chain for the block's change")
+
+    def check_config(self, cfg: Config) -> None:
+        refuse_float16_adamw(cfg, "the model's decoder layers")
 
     @model_validator(mode="after")
     def _chain_is_valid(self) -> "FedCyBGDOptions":
@@ -191,6 +202,8 @@ class FedCyBGDServer:
 
     def _sample(self, round_: int, client: int, block: int) -> list[int]:
         """The client's own block if updated, plus a random fraction p of the other updated ones."""
+        from fedbits.runtime.setup import derive_seed  # heavy: imported where used (fedbits.methods)
+
         others = [b for b, v in enumerate(self.version) if v > 0 and b != block]
         k = math.ceil(self.s.opts.download_fraction * len(others) - 1e-9)
         rng = random.Random(derive_seed(self.s.ctx.cfg.run.seed, "fedcybgd-download", round_, client))
@@ -277,7 +290,7 @@ class FedCyBGDClient:
         change = train_change(model, trained, data, self.ctx.cfg.clients)
 
         w = Writer().u32(data.num_samples).f32(change.loss).u64(block_digest(change.start.values()))
-        gen = torch.Generator().manual_seed(derive_seed(data.seed, "uplink"))
+        gen = seeded_generator(data.seed, "uplink")
         write_values(w, self.s.layouts[block], change.delta, wire_dtype=self.s.wire_dtype, chain=self.s.up,
                      generator=gen)
         self.last_stats = {

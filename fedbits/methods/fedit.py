@@ -10,18 +10,18 @@ import warnings
 from functools import partial
 
 import torch
-from peft import LoraConfig, get_peft_model
 from pydantic import Field
 from torch import nn
 
+from fedbits.errors import ConfigError
 from fedbits.methods import MethodSpec, register
 from fedbits.methods._dense import DenseClient, DenseOptions, DenseServer
 
 
 class FedITOptions(DenseOptions):
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: float = Field(16, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_r: int = Field(16, ge=1, description="LoRA rank r")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scale: the adapter adds (alpha / r)·B·A")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path while training")
     target_modules: list[str] | None = Field(
         None, description="module names to adapt; None = peft's default for the architecture"
     )
@@ -29,6 +29,8 @@ class FedITOptions(DenseOptions):
 
 
 def add_lora(model: nn.Module, opts: FedITOptions) -> nn.Module:
+    from peft import LoraConfig, get_peft_model  # heavy: imported where used (fedbits.methods)
+
     config = LoraConfig(
         r=opts.lora_r,
         lora_alpha=opts.lora_alpha,
@@ -40,7 +42,13 @@ def add_lora(model: nn.Module, opts: FedITOptions) -> nn.Module:
         # peft probes a transformers attribute that is deprecated; nothing for users to do
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         torch.manual_seed(opts.lora_seed)
-        return get_peft_model(model, config)
+        try:
+            return get_peft_model(model, config)
+        except ValueError as e:  # peft's NoMatchingPeftModuleError: a name that is not there
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, nn.Linear)})
+            raise ConfigError(f"method.target_modules={opts.target_modules}: {e} "
+                              f"(this model's linear layers: {', '.join(linear)})") from None
 
 
 register(

@@ -39,6 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from fedbits.compress import Chain, ErrorFeedback, parse_chain
+from fedbits.config import Config
 from fedbits.errors import ClientError
 from fedbits.methods import MethodSpec, register
 from fedbits.methods._blocks import (
@@ -57,12 +58,12 @@ from fedbits.methods._updates import (
     check_change,
     load_optimizer_checkpoint,
     optimizer_checkpoint,
+    seeded_generator,
     train_change,
     weighted_change,
 )
-from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext
+from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext, refuse_float16_adamw
 from fedbits.methods.fedit import FedITOptions, add_lora
-from fedbits.runtime.setup import derive_seed
 from fedbits.server_opt import apply_pseudo_gradient, make_server_optimizer
 from fedbits.wire import Direction, Layout, Writer, encode_message
 
@@ -73,6 +74,10 @@ class PartialOptions(FedITOptions, SubsetOptions):
         description="codec chain for the trained block's change ([] sends wire_dtype values)",
     )
     lora: bool = Field(False, description="train LoRA adapters (lora_* options) instead of the weights")
+
+    def check_config(self, cfg: Config) -> None:
+        if not self.lora:
+            refuse_float16_adamw(cfg, "the model's own weights (method.lora = false)")
 
 
 class _PartialHalf:
@@ -118,7 +123,7 @@ class PartialServer(_PartialHalf):
         slot = self.cohort.assign(round_, client)
         if self._values is None or self._values[0] != round_:
             w = Writer()
-            gen = torch.Generator().manual_seed(derive_seed(self.ctx.cfg.run.seed, "downlink", round_))
+            gen = seeded_generator(self.ctx.cfg.run.seed, "downlink", round_)
             write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
                          chain=self.down, generator=gen)
             self._values = (round_, w.getvalue())
@@ -190,7 +195,7 @@ class PartialClient(_PartialHalf):
         feedback = None
         if self.up is not None and self.opts.error_feedback:
             feedback = ErrorFeedback(store, f"{self.name}-residual-{block}", self.block_layout(block).numel)
-        gen = torch.Generator().manual_seed(derive_seed(data.seed, "uplink"))
+        gen = seeded_generator(data.seed, "uplink")
         write_values(w, self.block_layout(block), change.delta, wire_dtype=self.wire_dtype, chain=self.up,
                      generator=gen, feedback=feedback)
         self.last_stats = {

@@ -7,7 +7,7 @@ same trade at a glance.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,11 @@ from fedbits.report.fmt import (
     MISSING,
     format_bytes,
     format_exact_bytes,
+    format_metric,
+    format_metric_change,
     format_optional_bytes,
     format_value,
+    metric_name,
 )
 from fedbits.report.plots import plot_metric_vs_bytes, plot_metric_vs_round
 from fedbits.report.run import Run, config_value, load_run
@@ -33,6 +36,7 @@ def write_report(run_dir: str | Path) -> Path:
     sections = [
         _summary(run),
         _rounds_table(run),
+        _rejections(run),
         _client_bytes_table(run),
         _metric_change(run),
         _totals(run),
@@ -64,7 +68,21 @@ def _summary(run: Run) -> list[str]:
         f"- **Data source:** {config_value(run.config, 'data', 'source') or MISSING}",
         f"- **Rounds:** {run.last_round}",
         f"- **Clients per round:** {_clients_per_round(run)}{of_clients}",
+        *_accepted_summary(run),
     ]
+
+
+def _accepted_summary(run: Run) -> list[str]:
+    """How many client updates were aggregated, and a warning that cannot be missed when
+    none ever was: every figure after round 0 then describes the untrained base model."""
+    accepted, sampled = run.accepted_updates()
+    if not sampled:
+        return []
+    line = f"- **Updates accepted:** {accepted} of {sampled}"
+    if accepted:
+        return [line]
+    return [line, "", "> **No update was ever accepted**: every client update was rejected "
+            "(see *Rejected updates*), so the model never changed from the base model."]
 
 
 def _clients_per_round(run: Run) -> str:
@@ -80,7 +98,7 @@ def _clients_per_round(run: Run) -> str:
 def _rounds_table(run: Run) -> list[str]:
     metrics = run.metrics()
     header = ["round", "clients", "rejected", "bytes up", "bytes down", "cumulative",
-              "train loss", *metrics, "seconds", "peak RSS MB"]
+              "train loss", *map(metric_name, metrics), "seconds", "peak RSS MB"]
     rows = [_round_cells(row, metrics) for row in run.rows]
     return ["## Per round", "", *_md_table(header, rows)]
 
@@ -94,10 +112,48 @@ def _round_cells(row: dict[str, Any], metrics: Sequence[str]) -> list[str]:
         format_bytes(row.get("bytes_down") or 0),
         format_bytes(row.get("cum_bytes") or 0),
         format_value(row.get("train_loss")),
-        *(format_value(row.get(m)) for m in metrics),
+        *(format_metric(m, row.get(m)) for m in metrics),
         format_value(row.get("seconds"), digits=1),
         format_value(row.get("peak_rss_mb"), digits=0),
     ]
+
+
+def _rejections(run: Run) -> list[str]:
+    """One row per rejection reason with where it struck, so a reader tells one flaky
+    client from a systematic failure (a codec mismatch rejects every client, every round)."""
+    title = ["## Rejected updates", ""]
+    by_reason = run.rejections()
+    if not by_reason:
+        return [*title, "No update was rejected."]
+    rows = [
+        [_md_cell(reason), str(len(hits)), _number_ranges(r for r, _ in hits),
+         _number_ranges(c for _, c in hits)]
+        for reason, hits in sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    ]
+    table = _md_table(["reason", "updates", "rounds", "clients"], rows)
+    lost = run.rounds_without_update()
+    if not lost:
+        return [*title, *table]
+    return [*title, *table, "",
+            f"Rounds with no accepted update (model unchanged): {_number_ranges(lost)}"]
+
+
+def _md_cell(text: str) -> str:
+    """Free text (an error message) made safe for one table cell: no pipes, one line."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _number_ranges(numbers: Iterable[int]) -> str:
+    """``[5, 1, 2, 3, 3] -> "1-3, 5"``: distinct values, runs collapsed, so a reason that hit
+    every round of a long run stays one short cell."""
+    values = sorted(set(numbers))
+    spans: list[list[int]] = []
+    for n in values:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _client_bytes_table(run: Run) -> list[str]:
@@ -125,9 +181,10 @@ def _metric_change(run: Run) -> list[str]:
     for metric in run.metrics():
         series = run.series(metric)
         (r0, _, first), (r1, _, last) = series[0], series[-1]
-        first_cell = f"{format_value(first)} (round {r0})"
-        last_cell = f"{format_value(last)} (round {r1})"
-        rows.append([metric, first_cell, last_cell, f"{last - first:+.4f}"])
+        first_cell = f"{format_metric(metric, first)} (round {r0})"
+        last_cell = f"{format_metric(metric, last)} (round {r1})"
+        rows.append([metric_name(metric), first_cell, last_cell,
+                     format_metric_change(metric, last - first)])
     title = ["## Eval metrics: first vs last", ""]
     if not rows:
         return [*title, "No eval metrics recorded."]

@@ -56,6 +56,30 @@ class Run:
             if row.get(metric) is not None
         ]
 
+    def rejections(self) -> dict[str, list[tuple[int, int]]]:
+        """``{reason: [(round, client), ...]}``: every rejected update, grouped by why."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for row in self.rows:
+            for client, reason in row.get("rejected", {}).items():
+                out.setdefault(reason, []).append((row["round"], int(client)))
+        return out
+
+    def accepted_updates(self) -> tuple[int, int]:
+        """``(accepted, sampled)`` client updates over the training rounds: every sampled
+        client owes one update, and a rejected one is not aggregated."""
+        trained = [row for row in self.rows if row["round"] > 0]
+        sampled = sum(len(row.get("clients", [])) for row in trained)
+        return sampled - sum(len(row.get("rejected", {})) for row in trained), sampled
+
+    def rounds_without_update(self) -> list[int]:
+        """Training rounds whose every sampled client was rejected: nothing was aggregated,
+        so the global model came out of them unchanged."""
+        return [
+            row["round"] for row in self.rows
+            if row["round"] > 0 and row.get("clients")
+            and len(row.get("rejected", {})) == len(row["clients"])
+        ]
+
     def total_bytes(self, direction: Direction) -> int:
         """Bytes sent in one direction over the whole run, summed over the rounds."""
         return sum(int(row.get(f"bytes_{direction}") or 0) for row in self.rows)
@@ -91,11 +115,18 @@ def load_run(run_dir: str | Path) -> Run:
     or malformed line raises :class:`FedbitsError` naming the file and line.
     """
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise FedbitsError(
+            f"{run_dir} is a file, not a run directory (expected a directory holding metrics.jsonl)"
+        )
     if not run_dir.is_dir():
         raise FedbitsError(f"run directory not found: {run_dir}")
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
-        raise FedbitsError(f"{run_dir} is not a fedbits run directory: {metrics_path} not found")
+        raise FedbitsError(
+            f"{run_dir} holds no metrics.jsonl: not a fedbits run directory, or its run has "
+            "not finished round 0 yet"
+        )
     by_round = {row["round"]: row for row in _read_jsonl(metrics_path, _check_metrics_row)}
     if not by_round:
         raise FedbitsError(f"{metrics_path}: no rounds recorded")
@@ -167,6 +198,17 @@ def _check_metrics_row(row: Any) -> str | None:
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{key!r} must be a number or null, got {value!r}"
+    return _check_rejected(row.get("rejected", {}))
+
+
+def _check_rejected(rejected: Any) -> str | None:
+    """The report groups rejections by reason and lists client ids as numbers, so the
+    field must be ``{"<client id>": "<reason>"}`` as the runtime writes it."""
+    if not isinstance(rejected, dict) or not all(
+        isinstance(client, str) and client.isdigit() and isinstance(reason, str)
+        for client, reason in rejected.items()
+    ):
+        return f"'rejected' must map client ids to reasons, got {rejected!r}"
     return None
 
 

@@ -1,12 +1,17 @@
 """Runtimes move payloads between a method's halves; the simulator is the default.
 
 ``runtime.kind = "flower"`` sends the same run to a Flower SuperLink instead (see
-:mod:`fedbits.runtime.flower`); both runtimes share :func:`prepare_dir` and
-:func:`execute`, so they leave the same run directory.
+:mod:`fedbits.runtime.flower`); both runtimes share :func:`check_run_dir`,
+:func:`open_run_dir` and :func:`execute`, so they leave the same run directory.
+
+A start is two-phase so that a bad input never costs a user their old run: first
+everything is checked and built (:func:`check_run_dir` writes nothing, then the model,
+data and method are built), and only then :func:`open_run_dir` replaces an old run.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -17,6 +22,14 @@ from fedbits.errors import ConfigError, FedbitsError
 
 if TYPE_CHECKING:  # torch and the models load only when a run starts, not for `fedbits --help`
     from fedbits.runtime.simulation import RoundLoop
+
+CONFIG_FILE = "config.toml"
+RUN_FILES = frozenset({
+    CONFIG_FILE, "metrics.jsonl", "ledger.jsonl", "checkpoints", "client_store", "final",
+    "report.md", "flower.json",
+})
+"""What fedbits writes in a run directory (plus plots, ``*.png``): ``--overwrite``
+removes a directory only when it holds nothing else."""
 
 
 def _config_differences(saved: dict, current: dict) -> list[str]:
@@ -29,38 +42,99 @@ def _config_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
-def prepare_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    """Create (or check, to resume) ``cfg``'s run directory and save the config in it."""
-    from fedbits.runtime.simulation import CHECKPOINT
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """Entries of ``run_dir`` that fedbits does not write there."""
+    return sorted(
+        p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and p.suffix != ".png"
+    )
 
+
+def _saved_config(run_dir: Path) -> dict:
+    path = run_dir / CONFIG_FILE
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedbitsError(f"cannot resume {run_dir}: it holds no {CONFIG_FILE}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise FedbitsError(f"cannot resume {run_dir}: {path} is unreadable: {e}") from None
+
+
+def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Check that ``cfg``'s run directory can be started, resumed or replaced; write nothing.
+
+    ``run.name`` is validated by the config (one directory name, no separators), so the
+    run directory is always a direct child of ``run.out_dir``.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the "
+                          "run, --overwrite deletes it and starts again")
+    out_dir = Path(cfg.run.out_dir).expanduser().absolute()
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run.out_dir: {cfg.run.out_dir} cannot hold runs: {existing} is "
+                          "not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.out_dir: {cfg.run.out_dir} cannot be written ({existing} is "
+                          "not writable)")
     run_dir = cfg.run_dir
-    config_path = run_dir / "config.toml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} exists and is not a directory "
+                          "(choose another run.name)")
     if resume:
-        if not (run_dir / CHECKPOINT).is_file():
-            raise FedbitsError(f"cannot resume: no checkpoint in {run_dir}")
-        saved = tomllib.loads(config_path.read_text())
-        current = tomllib.loads(cfg.to_toml())
-        diffs = _config_differences(saved, current)
+        if not run_dir.is_dir():
+            raise FedbitsError(f"cannot resume: {run_dir} does not exist")
+        diffs = _config_differences(_saved_config(run_dir), cfg.resolved())
         if diffs:
             raise ConfigError(
                 f"cannot resume {run_dir}: the config differs from the saved one "
-                f"(only run.rounds may change): {'; '.join(diffs)}"
+                f"(only run.rounds may grow): {'; '.join(diffs)}"
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             raise FedbitsError(
                 f"run directory {run_dir} already exists: pass --resume to continue it, "
                 "--overwrite to start again, or choose another run.name"
             )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(cfg.to_toml())
+        foreign = _foreign_entries(run_dir)
+        if foreign or not (run_dir / CONFIG_FILE).is_file():
+            raise FedbitsError(
+                f"--overwrite refused: {run_dir} does not hold a fedbits run "
+                f"(unexpected: {', '.join(foreign[:5]) or f'no {CONFIG_FILE}'}); "
+                "move it away or choose another run.name"
+            )
     return run_dir
 
 
+def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    """Create the run directory (replacing an old run on ``overwrite``) once everything has
+    been built; a fresh run's config is saved now, a resumed one's after its checkpoint
+    is read (:func:`execute`), since only then is ``run.rounds`` known to be allowed."""
+    run_dir = check_run_dir(cfg, resume, overwrite)
+    try:
+        if overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(cfg, run_dir)
+    except OSError as e:
+        raise FedbitsError(f"cannot create run directory {run_dir}: {e}") from None
+    return run_dir
+
+
+def save_config(cfg: Config, run_dir: Path) -> None:
+    """Write the resolved configuration (every default, method options included)."""
+    (run_dir / CONFIG_FILE).write_text(cfg.to_toml(), encoding="utf-8")
+
+
 def execute(loop: RoundLoop, *, resume: bool = False) -> Path:
-    """Run ``loop`` to its last round, then write the final model and the report."""
-    first = loop.resume() if resume else 1
+    """Run ``loop`` to its last round, then write the final model and the report.
+
+    Raises :class:`~fedbits.errors.NoUpdateAccepted` (after writing the report) when no
+    client update was accepted in any round: an untrained model is not a success.
+    """
+    first = loop.resume() if resume else 0
+    if resume:
+        save_config(loop.cfg, loop.run_dir)
     loop.run(first)
     final = loop.run_dir / "final"
     loop.server.save_final(final)
@@ -69,6 +143,7 @@ def execute(loop: RoundLoop, *, resume: bool = False) -> Path:
 
     report = write_report(loop.run_dir)
     loop.log(f"done: final model in {final}, report in {report}")
+    loop.raise_if_nothing_accepted()
     return loop.run_dir
 
 
@@ -84,5 +159,7 @@ def run_experiment(
     from fedbits.runtime.setup import prepare_run
     from fedbits.runtime.simulation import Simulation
 
-    run_dir = prepare_dir(cfg, resume, overwrite)
-    return execute(Simulation(prepare_run(cfg, log), run_dir, log), resume=resume)
+    run_dir = check_run_dir(cfg, resume, overwrite)
+    loop = Simulation(prepare_run(cfg, log), run_dir, log)  # builds everything, writes nothing
+    open_run_dir(cfg, resume, overwrite)
+    return execute(loop, resume=resume)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from fedbits.data.format import Tokenized
-from fedbits.errors import FedbitsError
+from fedbits.errors import ConfigError, FedbitsError, NoUpdateAccepted
 from fedbits.eval import evaluate
 from fedbits.methods import ClientData, ClientUpdate, get_method
 from fedbits.report.fmt import format_bytes
@@ -68,6 +68,7 @@ class Reply:
     uplink: bytes | None = None
     error: str = ""
     stats: dict[str, float] = field(default_factory=dict)  # what the method measured
+    truncated: int = 0  # the client's training examples that max_length cut
 
 
 Settle = Callable[[int, "bytes | None", Reply], None]
@@ -132,8 +133,20 @@ class RoundLoop(ABC):
 
     # -- resume -------------------------------------------------------------------
     def resume(self) -> int:
-        """Restore the last checkpoint; return the next round to run."""
+        """Restore the last checkpoint; return the next round to run (0 when the run was
+        stopped before round 0 was checkpointed: it starts again, dropping what it wrote)."""
+        if not (self.run_dir / CHECKPOINT).is_file():
+            truncate_to(self.metrics_path, 0)
+            truncate_to(self.ledger.path, 0)
+            self.recover_clients(-1)
+            self.log("no completed round to resume from: starting again at round 0")
+            return 0
         ckpt = load_checkpoint(self.run_dir / CHECKPOINT)
+        if ckpt.round > self.cfg.run.rounds:
+            raise ConfigError(
+                f"cannot resume {self.run_dir} with run.rounds={self.cfg.run.rounds}: it has "
+                f"completed {ckpt.round} rounds already (run.rounds may only grow)"
+            )
         self.server.load_state_dict(ckpt.server)
         self.cum_bytes = ckpt.cum_bytes
         truncate_to(self.metrics_path, ckpt.file_sizes["metrics.jsonl"])
@@ -164,8 +177,11 @@ class RoundLoop(ABC):
         updates: list[ClientUpdate] = []
         rejected: dict[str, str] = {}
         client_stats: dict[str, dict[str, float]] = {}
+        truncated = 0
 
         def settle(client: int, downlink: bytes | None, reply: Reply) -> None:
+            nonlocal truncated
+            truncated += reply.truncated
             if downlink is not None:
                 self.ledger.record(round_, client, "down", downlink)
             if reply.uplink is None:
@@ -201,6 +217,7 @@ class RoundLoop(ABC):
                 sum(u.train_loss * u.num_samples for u in updates) / total_samples
                 if updates else None
             ),
+            "truncated": truncated,
             "train_seconds": time.perf_counter() - start,
             # what a method measures inside its halves (e.g. FedKSeed's replay time)
             "client_stats": client_stats,
@@ -223,16 +240,19 @@ class RoundLoop(ABC):
         self.log(_summary_line(row, self.cfg.run.rounds))
 
     # -- the loop -----------------------------------------------------------------
-    def run(self, first_round: int = 1) -> None:
+    def run(self, first_round: int = 0) -> None:
+        """Run rounds ``first_round`` to ``run.rounds``; round 0 evaluates the initial model."""
         rounds = self.cfg.run.rounds
-        if first_round == 1:
+        if first_round == 0:
             start = time.perf_counter()
             row = {"round": 0, "clients": [], "rejected": {}, "bytes_up": 0, "bytes_down": 0,
                    "bytes_up_per_client": {}, "bytes_down_per_client": {}, "cum_bytes": 0,
-                   "train_loss": None, **self.evaluate()}
+                   "train_loss": None, "eval_truncated": self.setup.eval_truncated,
+                   **self.evaluate()}
             row.update(seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
             self._write_row(row)
             self._checkpoint(0)
+            first_round = 1
         for round_ in tqdm(range(first_round, rounds + 1), desc="rounds", unit="round",
                            initial=first_round - 1, total=rounds,
                            disable=not self.show_progress):
@@ -243,6 +263,25 @@ class RoundLoop(ABC):
             row.update(seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
             self._write_row(row)
             self._checkpoint(round_)
+
+    def raise_if_nothing_accepted(self) -> None:
+        """Fail a run that trained rounds but never accepted a client update, naming why
+        the updates were rejected (the model it saved is the initial one)."""
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+        trained = [r for r in rows if r["round"] > 0]
+        if not trained or any(len(r["clients"]) > len(r["rejected"]) for r in trained):
+            return
+        reasons: dict[str, int] = {}
+        for row in trained:
+            for reason in row["rejected"].values():
+                reasons[reason] = reasons.get(reason, 0) + 1
+        listed = "; ".join(f"{reason} (x{n})" for reason, n in
+                           sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        raise NoUpdateAccepted(
+            f"no client update was accepted in {len(trained)} round"
+            f"{'s' if len(trained) > 1 else ''}, so the model is "
+            f"untrained; rejections: {listed or 'no client answered'} (see report.md)"
+        )
 
 
 class Simulation(RoundLoop):
@@ -268,11 +307,12 @@ class Simulation(RoundLoop):
 
     def _train(self, round_: int, client: int, downlink: bytes) -> Reply:
         try:
-            items, _ = self.setup.tokenize(self.setup.clients[client])
+            items, truncated = self.setup.tokenize(self.setup.clients[client])
             data = client_data(self.setup, items, round_, client)
             store = self.stores.for_client(client, round_)
             uplink = self.client.update(round_, client, downlink, data, store)
-            return Reply(uplink, stats=dict(getattr(self.client, "last_stats", {})))
+            return Reply(uplink, stats=dict(getattr(self.client, "last_stats", {})),
+                         truncated=truncated)
         except Exception as e:  # a bad client never stops the round
             return Reply(error=describe_error(e))
 

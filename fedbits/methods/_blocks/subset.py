@@ -36,7 +36,7 @@ from torch import nn
 
 from fedbits.errors import ClientError, ConfigError
 from fedbits.methods._blocks.layers import decoder_layers, layer_of
-from fedbits.runtime.setup import derive_seed
+from fedbits.methods._updates import seeded_generator
 
 Placement = Literal["top", "bottom", "spread"]
 ScheduleKind = Literal["fixed", "round", "client"]
@@ -70,8 +70,7 @@ class BlockSchedule:
             return list(range(n))
         if self.order == "descending":
             return list(range(n - 1, -1, -1))
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "block-order", cycle))
-        return torch.randperm(n, generator=gen).tolist()
+        return torch.randperm(n, generator=seeded_generator(self.seed, "block-order", cycle)).tolist()
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,10 @@ class SubsetOptions(BaseModel):
         "top", description="fixed schedule: the top, bottom or evenly spread layers; cycling "
         "schedules: 'spread' interleaves the layers of a block, otherwise blocks are contiguous"
     )
-    schedule: ScheduleKind = Field("fixed", description="fixed | round | client (see docs/partial.md)")
+    schedule: ScheduleKind = Field(
+        "fixed", description="fixed: one block, every round and client; round: the next block "
+        "each round; client: the next block for each client (docs/partial.md)"
+    )
     order: Order = Field("ascending", description="order in which cycling schedules visit blocks")
     include: list[str] = Field(
         default_factory=list, validate_default=True, description="glob patterns of parameter names trained in every "

@@ -7,17 +7,38 @@ rebuilds the model from its base weights by exact replay (:mod:`fedbits.zo`).
 Pro samples seeds by their importance (mean |scalar| so far), which the server sends.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from fedbits.methods import MethodSpec, register
-from fedbits.methods.fedkseed.client import FedKSeedClient
+from fedbits.methods.base import MethodContext
 from fedbits.methods.fedkseed.options import FedKSeedOptions, FedKSeedProOptions
-from fedbits.methods.fedkseed.server import FedKSeedServer
+
+if TYPE_CHECKING:
+    from fedbits.methods.fedkseed.client import FedKSeedClient
+    from fedbits.methods.fedkseed.server import FedKSeedServer
+
+
+# The halves import the zeroth-order engine (and through it transformers): only a run does.
+def _server(ctx: MethodContext, pro: bool = False) -> FedKSeedServer:
+    from fedbits.methods.fedkseed.server import FedKSeedServer
+
+    return FedKSeedServer(ctx, pro=pro)
+
+
+def _client(ctx: MethodContext, pro: bool = False) -> FedKSeedClient:
+    from fedbits.methods.fedkseed.client import FedKSeedClient
+
+    return FedKSeedClient(ctx, pro=pro)
+
 
 register(
     MethodSpec(
         name="fedkseed",
         options=FedKSeedOptions,
-        server=FedKSeedServer,
-        client=FedKSeedClient,
+        server=_server,
+        client=_client,
         summary="zeroth-order full-parameter tuning over K shared seeds (kilobytes per round)",
     )
 )
@@ -25,8 +46,8 @@ register(
     MethodSpec(
         name="fedkseed-pro",
         options=FedKSeedProOptions,
-        server=lambda ctx: FedKSeedServer(ctx, pro=True),
-        client=lambda ctx: FedKSeedClient(ctx, pro=True),
+        server=lambda ctx: _server(ctx, pro=True),
+        client=lambda ctx: _client(ctx, pro=True),
         summary="FedKSeed with seeds sampled by importance (probabilities sent down)",
     )
 )

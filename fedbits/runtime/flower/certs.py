@@ -6,7 +6,9 @@ operators use to reach the SuperLink, and, for SuperNode authentication, one EC 
 pair per node on a NIST curve in OpenSSH format (the SuperNode loads the private key,
 ``flwr supernode register`` the public one). This module makes all of them with the
 ``cryptography`` package Flower already depends on, so a user needs neither openssl
-recipes nor ssh-keygen.
+recipes nor ssh-keygen. Existing files are never replaced unless asked (``force``):
+a new CA locks out every node and operator that trusts the old one, and a new node
+key must be registered again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ class CertPaths:
     def in_dir(cls, directory: Path) -> "CertPaths":
         return cls(directory / "ca.crt", directory / "superlink.crt", directory / "superlink.key")
 
+    @property
+    def ca_key(self) -> Path:
+        """The CA's private key, next to its certificate (to issue more certificates)."""
+        return self.ca_cert.with_name("ca.key")
+
+    def files(self) -> list[Path]:
+        """Every file :func:`make_certificates` writes."""
+        return [self.ca_cert, self.ca_key, self.server_cert, self.server_key]
+
     def check(self) -> None:
         """Raise a clear error naming the first missing file."""
         for path in (self.ca_cert, self.server_cert, self.server_key):
@@ -47,10 +58,28 @@ class CertPaths:
                                    f"`fedbits flower certs {path.parent} --host ...`")
 
 
+def node_key_files(private_path: Path) -> list[Path]:
+    """The private and public key files :func:`make_node_key` writes."""
+    return [private_path, private_path.with_name(private_path.name + ".pub")]
+
+
+def refuse_to_replace(paths: list[Path]) -> None:
+    """Raise an error naming those of ``paths`` that exist (the caller's ``--force``
+    replaces them)."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4
+                                           else "")
+        raise FedbitsError(f"{shown} already exist: pass --force to replace them (every "
+                           "SuperNode and operator then needs the new CA certificate, and "
+                           "every new node key must be registered again)")
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write a secret readable by its owner only (created with mode 0600, never wider)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.unlink(missing_ok=True)  # a replaced file would keep its old, maybe wider, mode
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -73,15 +102,18 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_certificates(directory: Path, hosts: list[str]) -> CertPaths:
+def make_certificates(directory: Path, hosts: list[str], *, force: bool = False) -> CertPaths:
     """A fresh CA and a SuperLink certificate valid for ``hosts`` (IPs or DNS names).
 
     The CA key is written next to the CA certificate (mode 0600) so more server
     certificates can be issued later; keep it off the SuperLink machine if you can.
+    Existing files are refused unless ``force``.
     """
     if not hosts:
         raise FedbitsError("name at least one host (IP address or DNS name) for the certificate")
     paths = CertPaths.in_dir(directory)
+    if not force:
+        refuse_to_replace(paths.files())
     now = datetime.datetime.now(datetime.timezone.utc)
     not_after = now + datetime.timedelta(days=VALID_DAYS)
 
@@ -124,25 +156,28 @@ def make_certificates(directory: Path, hosts: list[str]) -> CertPaths:
 
     directory.mkdir(parents=True, exist_ok=True)
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(directory / "ca.key", _pem_key(ca_key))
+    _write_private(paths.ca_key, _pem_key(ca_key))
     paths.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     _write_private(paths.server_key, _pem_key(server_key))
     return paths
 
 
-def make_node_key(private_path: Path) -> Path:
+def make_node_key(private_path: Path, *, force: bool = False) -> Path:
     """An EC (P-384) key pair for SuperNode authentication; returns the public key path.
 
     ``private_path`` is what ``flower-supernode --auth-supernode-private-key`` reads;
-    ``<private_path>.pub`` is what ``flwr supernode register`` takes.
+    ``<private_path>.pub`` is what ``flwr supernode register`` takes. Existing files
+    are refused unless ``force``.
     """
+    private_path, public_path = node_key_files(private_path)
+    if not force:
+        refuse_to_replace([private_path, public_path])
     key = ec.generate_private_key(ec.SECP384R1())
     _write_private(
         private_path,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                           serialization.NoEncryption()),
     )
-    public_path = private_path.with_name(private_path.name + ".pub")
     public_path.write_bytes(
         key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                       serialization.PublicFormat.OpenSSH) + b"\n"

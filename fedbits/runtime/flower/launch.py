@@ -1,11 +1,14 @@
 """``fedbits run`` with ``runtime.kind = "flower"``: submit, follow, collect.
 
 The run is submitted with Flower's own CLI (``flwr run --stream``) to the SuperLink
-named by ``runtime.superlink``, which streams its log until the ServerApp ends;
+named by ``runtime.superlink`` (else flwr's default connection), which streams its
+log until the ServerApp ends;
 then ``flwr ls`` gives the run's status and the SuperLink's count of
 the bytes that crossed its Fleet API for this run. Those go to ``flower.json`` in
 the run directory next to fedbits' own payload total from the ledger, so Flower's
-framing overhead is visible.
+framing overhead is visible. Without a configured connection nothing starts
+(:func:`~fedbits.runtime.flower.app.resolve_connection`): ``flwr`` would otherwise
+start a local simulation SuperLink of its own.
 
 The ServerApp writes the run directory on the SuperLink's machine, at the absolute
 ``run.out_dir`` resolved here; when that is another machine, copy the directory back
@@ -24,7 +27,7 @@ from typing import Any, Callable
 
 from fedbits.config import Config
 from fedbits.errors import FedbitsError
-from fedbits.runtime.flower.app import write_app
+from fedbits.runtime.flower.app import resolve_connection, write_app
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -83,24 +86,25 @@ def _stream(argv: list[str], log: Callable[[str], None]) -> tuple[int, int | Non
 def launch(cfg: Config, *, resume: bool, overwrite: bool,
            log: Callable[[str], None] = print) -> Path:
     """Submit ``cfg`` to its SuperLink, stream the run's log, collect; return the run dir."""
+    superlink = resolve_connection(cfg.runtime.superlink)
     cfg = cfg.model_copy(deep=True)
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
-    conn = [cfg.runtime.superlink] if cfg.runtime.superlink else []
     with tempfile.TemporaryDirectory() as tmp:
         app = write_app(cfg, Path(tmp), resume=resume, overwrite=overwrite)
-        argv = [flower_tool("flwr"), "run", str(app), *conn, "--stream"]
+        argv = [flower_tool("flwr"), "run", str(app), superlink, "--stream"]
         status, run_id, tail = _stream(argv, log)
     if status != 0 or run_id is None:
         raise FedbitsError(f"`flwr run` could not start the run on SuperLink "
-                           f"{cfg.runtime.superlink or '(default)'}:\n" + "\n".join(tail))
-    return collect(run_id, cfg.run_dir, cfg.runtime.superlink, log)
+                           f"{superlink!r}:\n" + "\n".join(tail))
+    return collect(run_id, cfg.run_dir, superlink, log)
 
 
 def follow(run_id: int, run_dir: Path, superlink: str | None,
            log: Callable[[str], None] = print) -> Path:
     """Stream a submitted run's log until it ends, then :func:`collect`."""
-    conn = [superlink] if superlink else []
-    status, _, tail = _stream([flower_tool("flwr"), "log", str(run_id), *conn, "--stream"], log)
+    superlink = resolve_connection(superlink)
+    status, _, tail = _stream([flower_tool("flwr"), "log", str(run_id), superlink, "--stream"],
+                              log)
     if status != 0:
         raise FedbitsError(f"`flwr log {run_id}` failed:\n" + "\n".join(tail))
     return collect(run_id, run_dir, superlink, log)

@@ -59,7 +59,7 @@ class NodeSession:
         self.partition = partition
         self.store = store
         self.setup = prepare_run(cfg, log)
-        self.items, _ = self.setup.tokenize(self.setup.clients[partition])
+        self.items, self.truncated = self.setup.tokenize(self.setup.clients[partition])
         self.client = get_method(cfg.method.name).client(self.setup.method_context())
         self.stores = ClientStores(root / "runs" / store / "client_store")
         self.setup_seconds = time.perf_counter() - start
@@ -78,7 +78,7 @@ class NodeSession:
         return NodeReply(
             blob=blob, partition=self.partition,
             stats=dict(getattr(self.client, "last_stats", {})),
-            info={"train_seconds": time.perf_counter() - start},
+            info={"train_seconds": time.perf_counter() - start}, truncated=self.truncated,
         )
 
 

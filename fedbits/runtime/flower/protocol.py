@@ -35,6 +35,8 @@ from fedbits.config import Config, load_config
 from fedbits.errors import ConfigError, FedbitsError
 
 RECORD = "fedbits"
+MAX_COUNT = 2**31 - 1
+"""Bound on a count a node reports (a hostile node must not overflow the metrics)."""
 PREPARE = MessageType.QUERY
 TRAIN = MessageType.TRAIN
 
@@ -139,11 +141,13 @@ class NodeReply:
     partition: int = -1
     stats: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    truncated: int = 0  # training examples of the partition that max_length cuts
 
     def to_content(self) -> RecordDict:
         rec: dict[str, Any] = {
             "error": self.error, "partition": self.partition,
             "stats": json.dumps(self.stats), "info": json.dumps(self.info),
+            "truncated": self.truncated,
         }
         if self.blob is not None:
             rec["blob"] = self.blob
@@ -154,13 +158,19 @@ class NodeReply:
         rec = _record(content, "node reply")
         try:
             blob = rec.get("blob")
-            return cls(
+            reply = cls(
                 blob=None if blob is None else bytes(blob), error=str(rec["error"]),
                 partition=int(rec["partition"]), stats=json.loads(str(rec["stats"])),
-                info=json.loads(str(rec["info"])),
+                info=json.loads(str(rec["info"])), truncated=int(rec.get("truncated", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FedbitsError(f"malformed node reply: {type(e).__name__}: {e}") from None
+        if not isinstance(reply.stats, dict) or not isinstance(reply.info, dict):
+            raise FedbitsError("malformed node reply: 'stats' and 'info' must be JSON objects")
+        if not 0 <= reply.truncated <= MAX_COUNT:
+            raise FedbitsError(f"malformed node reply: truncated={reply.truncated} is not a "
+                               f"count in 0..{MAX_COUNT}")
+        return reply
 
 
 def _record(content: RecordDict, what: str) -> ConfigRecord:

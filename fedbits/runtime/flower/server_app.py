@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbits.config import Config
 from fedbits.errors import FedbitsError
-from fedbits.runtime import execute, prepare_dir
+from fedbits.runtime import check_run_dir, execute, open_run_dir
 from fedbits.runtime.flower.processes import quiet_progress_bars
 from fedbits.runtime.flower.protocol import (
     CONFIG_KEY,
@@ -184,7 +184,7 @@ class FlowerLoop(RoundLoop):
             for msg in _pull(self.grid, waiting):
                 client = waiting.pop(msg.metadata.reply_to_message_id)
                 reply = _reply(msg, f"SuperNode {targets[client]} (partition {client})")
-                replies[client] = Reply(reply.blob, reply.error, reply.stats)
+                replies[client] = Reply(reply.blob, reply.error, reply.stats, reply.truncated)
                 self._round_info[str(client)] = {
                     "node_id": targets[client], "seconds": time.monotonic() - sent, **reply.info,
                 }
@@ -203,7 +203,8 @@ class FlowerLoop(RoundLoop):
 
 
 def store_id(run_dir: Path, cfg: Config, resume: bool) -> str:
-    """The run's store ID on the nodes: new for a fresh run, the saved one to resume."""
+    """The run's store ID on the nodes: new for a fresh run (saved by :func:`save_store_id`
+    once the run directory is opened), the saved one to resume."""
     path = run_dir / FLOWER_JSON
     if resume:
         try:
@@ -212,9 +213,11 @@ def store_id(run_dir: Path, cfg: Config, resume: bool) -> str:
             raise FedbitsError(
                 f"cannot resume {run_dir} on Flower: {path} does not name the nodes' store "
                 "(was the run started with runtime.kind='flower'?)") from None
-    store = new_store_id(cfg)
-    path.write_text(json.dumps({"store_id": store}, indent=2) + "\n")
-    return store
+    return new_store_id(cfg)
+
+
+def save_store_id(run_dir: Path, store: str) -> None:
+    (run_dir / FLOWER_JSON).write_text(json.dumps({"store_id": store}, indent=2) + "\n")
 
 
 @app.main()
@@ -231,12 +234,17 @@ def main(grid: Grid, context: Context) -> None:
                                "`fedbits flower app` or launch with `fedbits run`")
         cfg = parse_config(text, f"run config {CONFIG_KEY}")
         resume = bool(context.run_config.get(RESUME_KEY, False))
-        run_dir = prepare_dir(cfg, resume, bool(context.run_config.get(OVERWRITE_KEY, False)))
+        overwrite = bool(context.run_config.get(OVERWRITE_KEY, False))
+        run_dir = check_run_dir(cfg, resume, overwrite)
         log(f"fedbits run directory: {run_dir.resolve()}")
-        directory = NodeDirectory(grid, store_id(run_dir, cfg, resume), log)
+        store = store_id(run_dir, cfg, resume)
+        directory = NodeDirectory(grid, store, log)
         directory.poll()  # nodes load the model while this process does the same
-        setup = prepare_run(cfg, log)
-        execute(FlowerLoop(setup, run_dir, log, grid, directory), resume=resume)
+        loop = FlowerLoop(prepare_run(cfg, log), run_dir, log, grid, directory)
+        open_run_dir(cfg, resume, overwrite)
+        if not resume:
+            save_store_id(run_dir, store)
+        execute(loop, resume=resume)
     except FedbitsError as e:
         log(f"fedbits: error: {e}")
         raise
