@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedbits.config import load_config
+from fedbits.logs import configure
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--density", default="1/64")
     args = parser.parse_args()
+    configure()  # each run's progress lines, as `fedbits run` shows them
     runs = {
         "dense": [],
         "topk": [f"method.uplink=['topk:{args.density}']"],
@@ -56,7 +58,7 @@ def main() -> None:
                 f"run.out_dir={tmp}", f"run.name={name.replace(' ', '_').replace('+', 'and')}",
                 f"run.rounds={args.rounds}", "method.name=fedavg", "eval.metrics=['loss']", *extra,
             ])
-            dirs[name] = run_experiment(cfg, log=print)
+            dirs[name] = run_experiment(cfg)
             rows = [json.loads(x) for x in (dirs[name] / "metrics.jsonl").read_text().splitlines()]
             out["runs"][name] = {"eval_loss": [r["eval_loss"] for r in rows],
                                  "bytes_up": sum(r["bytes_up"] for r in rows)}

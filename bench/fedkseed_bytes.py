@@ -22,7 +22,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from fedbits.config import load_config
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def main() -> None:
                 "eval.max_examples=64", f"method.wire={wire}",
                 "clients.lr=1e-4",  # the tiny example's 1e-3 diverges over τ = 200 steps
             ])
-            run_dir = run_experiment(cfg, log=lambda m: None)
+            run_dir = run_experiment(cfg)
             msgs = per_client_round(run_dir)
             rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             out[wire] = {

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from fedbits.compress import parse_chain
-from fedbits.config import Config, validate_references
+from fedbits.config import Config
+from fedbits.logs import configure
+from fedbits.resolve import validate_references
 from fedbits.runtime import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +99,7 @@ def main() -> None:
                         help="run only these (e.g. --only fedit 'flasc 1/16' for a longer comparison)")
     parser.add_argument("--tag", help="appended to the results file name, to keep earlier results")
     args = parser.parse_args()
+    configure()  # each run's progress lines, as `fedbits run` shows them
     if args.only and "fedit" not in args.only:
         parser.error("--only needs fedit: every figure is relative to it")
     base = tomllib.loads((REPO / "examples" / "flasc.toml").read_text())
@@ -129,7 +132,7 @@ def main() -> None:
             cfg = Config.model_validate(raw)
             validate_references(cfg)
             print(f"== {name}", flush=True)
-            out["runs"][name] = summarise(run_experiment(cfg, log=print))
+            out["runs"][name] = summarise(run_experiment(cfg))
     dense = out["runs"]["fedit"]["bytes_per_client_round"]
     for name, r in out["runs"].items():
         r["bytes_vs_fedit"] = dense / r["bytes_per_client_round"]

@@ -37,7 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is built offline
 
 import flwr  # noqa: E402
 
-from fedbits.config import load_config  # noqa: E402
+from fedbits.logs import configure  # noqa: E402
+from fedbits.resolve import load_config  # noqa: E402
 from fedbits.runtime import run_experiment  # noqa: E402
 from fedbits.runtime.flower.app import write_connection  # noqa: E402
 from fedbits.runtime.flower.launch import flower_tool  # noqa: E402
@@ -187,6 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
+    configure()  # each run's progress lines, as `fedbits run` shows them
     load_start = os.getloadavg()
     result: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -205,7 +207,7 @@ def main() -> None:
             overrides = [*CONFIG, f"run.rounds={args.rounds}", f"run.out_dir={tmp / 'runs'}",
                          "runtime.kind=flower", "runtime.superlink=bench"]
             with_worker = run_experiment(load_config(REPO / "examples" / "tiny.toml",
-                                                     overrides + ["run.name=worker"]), log=print)
+                                                     overrides + ["run.name=worker"]))
             result["fedbits_with_worker"] = fedbits_rounds(with_worker)
             traffic = json.loads((with_worker / "flower.json").read_text())
             result["fedbits_with_worker_traffic"] = traffic
@@ -213,13 +215,12 @@ def main() -> None:
             cluster.nodes("noworker", "--no-worker")
             cluster.wait_online(2)
             no_worker = run_experiment(load_config(REPO / "examples" / "tiny.toml",
-                                                   overrides + ["run.name=noworker"]), log=print)
+                                                   overrides + ["run.name=noworker"]))
             result["fedbits_without_worker"] = fedbits_rounds(no_worker)
         finally:
             cluster.stop()
         sim = run_experiment(load_config(REPO / "examples" / "tiny.toml", [
-            *CONFIG, f"run.rounds={args.rounds}", f"run.out_dir={tmp / 'runs'}", "run.name=sim"]),
-            log=print)
+            *CONFIG, f"run.rounds={args.rounds}", f"run.out_dir={tmp / 'runs'}", "run.name=sim"]))
         sim_rows = [json.loads(line) for line in (sim / "metrics.jsonl").read_text().splitlines()]
         result["simulator_round_seconds"] = [r["train_seconds"] for r in sim_rows[1:]]
     floor = statistics.mean(result["trivial_send_and_receive_seconds"])

@@ -54,20 +54,21 @@ RESULTS = REPO / "bench" / "results"
 
 _RUN = r"""
 import sys
-from fedbits.config import load_config
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
-run_experiment(load_config(sys.argv[1], sys.argv[2:]), log=lambda m: None)
+run_experiment(load_config(sys.argv[1], sys.argv[2:]))
 """
 
 _CLIENT = r"""
 import gc, json, sys, time
 import fedbits.methods._dense, fedbits.methods.fedcybgd, fedbits.methods.partial, fedbits.train
-from fedbits.config import load_config
 from fedbits.methods import ClientData, get_method
+from fedbits.resolve import load_config
 from fedbits.runtime.checkpoint import load_checkpoint
-from fedbits.runtime.setup import derive_seed, prepare_run
-from fedbits.runtime.simulation import CHECKPOINT, sample_clients
+from fedbits.runtime.loop import CHECKPOINT, sample_clients
+from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
+from fedbits.seeding import derive_seed
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -130,9 +131,9 @@ _EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 _STEPS = r"""
 import json, statistics, sys, time
 import torch
-from fedbits.config import load_config
 from fedbits.data.batching import iterate_batches
 from fedbits.methods._blocks import decoder_layers, subset_from_options, train_only
+from fedbits.resolve import load_config
 from fedbits.runtime.setup import prepare_run
 from fedbits.train import local_train, make_optimizer
 
@@ -255,8 +256,8 @@ def run_methods(paths: dict[str, Path], out: Path, rounds: int) -> dict[str, dic
 
 
 def model_figures(config: Path) -> dict[str, int]:
-    from fedbits.config import load_config
     from fedbits.methods._blocks import decoder_layers
+    from fedbits.resolve import load_config
     from fedbits.runtime.setup import prepare_run
 
     base = prepare_run(load_config(config), lambda m: None).base_model

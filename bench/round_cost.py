@@ -27,12 +27,12 @@ RESULTS = REPO / "bench" / "results"
 
 _CHILD = r"""
 import json, sys, time
-from fedbits.config import load_config
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
-from fedbits.runtime.simulation import peak_rss_mb
+from fedbits.runtime.loop import peak_rss_mb
 cfg = load_config(sys.argv[1], sys.argv[2:])
 start = time.perf_counter()
-run_dir = run_experiment(cfg, log=lambda m: None)
+run_dir = run_experiment(cfg)
 rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 r1 = rows[1]
 n = len(r1["clients"])

@@ -2,34 +2,33 @@
 
 User errors (a :class:`~fedbits.errors.FedbitsError`) are printed as one clear
 message and exit with status 2; a traceback means a bug in fedbits.
+
+A command's result (a table, a path) is printed; a run's progress is logged
+(:mod:`fedbits.logs`), plain lines and ``warning: ...`` ones on standard output.
+``-q`` keeps only the warnings and errors, ``-v`` adds the debug lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
 from fedbits import __version__
 from fedbits.errors import FedbitsError, NoUpdateAccepted
+from fedbits.logs import configure
 
-
-def say(msg: str) -> None:
-    """Print one progress line. When stdout is a pipe that closed (``fedbits run … | head``)
-    the run goes on silently: losing the output must not lose the run."""
-    try:
-        print(msg, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+logger = logging.getLogger(__name__)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from fedbits.config import load_config
+    from fedbits.resolve import load_config
     from fedbits.runtime import run_experiment
 
     cfg = load_config(args.config, args.set)
-    run_experiment(cfg, resume=args.resume, overwrite=args.overwrite, log=say)
+    run_experiment(cfg, resume=args.resume, overwrite=args.overwrite)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -48,25 +47,25 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from fedbits.config import load_config
     from fedbits.data.examples import load_examples
     from fedbits.data.partition import describe_partitions, partition, split_eval
+    from fedbits.resolve import load_config
 
     cfg = load_config(args.config, args.set)
-    say(f"loading {cfg.data.source} ...")
+    logger.info("loading %s ...", cfg.data.source)
     examples = load_examples(
         cfg.data.source, seed=cfg.run.seed, builtin_per_task=cfg.data.builtin_per_task,
         max_examples=cfg.data.max_examples,
     )
     train, held_out = split_eval(examples, cfg.data, cfg.run.seed)
-    say(f"partitioning {len(train)} training examples into {cfg.data.num_clients} clients "
-        f"({cfg.data.partition}) ...")
+    logger.info("partitioning %d training examples into %d clients (%s) ...", len(train),
+                cfg.data.num_clients, cfg.data.partition)
     parts = partition(train, cfg.data, cfg.run.seed)
-    say(f"{cfg.data.source}: {len(examples)} examples, {len(train)} train, "
-        f"{len(held_out)} held out")
-    say(f"{'client':>6}  {'size':>7}  {'tasks':>5}  largest tasks")
+    print(f"{cfg.data.source}: {len(examples)} examples, {len(train)} train, "
+          f"{len(held_out)} held out")
+    print(f"{'client':>6}  {'size':>7}  {'tasks':>5}  largest tasks")
     for row in describe_partitions(parts):
-        say(f"{row['client']:>6}  {row['size']:>7}  {row['tasks']:>5}  {row['largest']}")
+        print(f"{row['client']:>6}  {row['size']:>7}  {row['tasks']:>5}  {row['largest']}")
 
 
 def _cmd_model(args: argparse.Namespace) -> None:
@@ -95,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fedbits {__version__}")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of one line")
+    loudness = p.add_mutually_exclusive_group()
+    # dests differ from `methods -v`: a subcommand's default would overwrite a shared one
+    loudness.add_argument("-v", "--verbose", dest="log_verbose", action="store_true",
+                          help="also log debug lines (per-client bytes and timings)")
+    loudness.add_argument("-q", "--quiet", dest="log_quiet", action="store_true",
+                          help="log only warnings and errors (no progress lines or bars)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    configure(logging.DEBUG if args.log_verbose else
+              logging.WARNING if args.log_quiet else logging.INFO)
     if not sys.stderr.isatty():  # library progress bars only clutter logs and CI output
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")  # flwr-datasets' bars take no switch
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         args.func(args)
+    except BrokenPipeError:  # `fedbits data … | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit flush
+        return 1
     except NoUpdateAccepted as e:  # the run itself failed, not its input
         if args.debug:
             raise

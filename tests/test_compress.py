@@ -420,7 +420,10 @@ SMALL_CHAINS = [
 
 @pytest.mark.parametrize("stages", SMALL_CHAINS, ids=lambda s: "+".join(s) or "empty")
 def test_every_truncation_and_bit_flip_is_a_wire_error(stages):
-    chain = make_chain(stages)
+    assert_truncations_and_bit_flips_are_wire_errors(make_chain(stages))
+
+
+def assert_truncations_and_bit_flips_are_wire_errors(chain: Chain) -> None:
     x = torch.from_numpy(np.random.default_rng(2).normal(size=40).astype(np.float32))
     segs = [10, 30]
     payload = chain.encode(x, segs, gen())
@@ -536,6 +539,23 @@ def test_edited_valid_bodies_are_wire_errors_or_valid(stages, numel, edits):
     body = zstandard.ZstdCompressor().compress(bytes(edited)) if compressed else bytes(edited)
     coding = payload[3] if zstd else None
     assert_wire_error_or_finite(chain, reframe(chain, body, numel, segs, coding), numel, segs)
+
+
+def test_byte_stages_compose_each_bounded_by_the_one_before():
+    chain = make_chain(["int8", "zstd:level=1", "zstd"])
+    assert chain.spec == ("int8:block=64", "zstd:level=1", "zstd:level=3")
+    x = torch.zeros(1000)
+    payload = chain.encode(x)
+    assert torch.equal(chain.decode(payload, numel=1000, what=WHAT), x)
+    with pytest.raises(WireError, match="different codec chain"):
+        make_chain(["int8", "zstd"]).decode(payload, numel=1000, what=WHAT)
+    # The inner zstd inflates to at most the largest body (16 scales + 1000 codes), and
+    # the outer one to at most what the inner one writes for that: one more byte.
+    too_big = zstandard.ZstdCompressor().compress(bytes(1065))
+    for outer, bound in ((bytes([1]) + too_big, 1064), (bytes(1066), 1065)):
+        body = zstandard.ZstdCompressor().compress(outer)
+        with pytest.raises(WireError, match=f"exceeds {bound} bytes"):
+            chain.decode(reframe(chain, body, 1000, coding=1), numel=1000, what=WHAT)
 
 
 def test_zstd_bomb_is_refused_before_inflating():

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedbits.config import load_config, parse_override
+from fedbits.config import parse_override
 from fedbits.errors import ConfigError
+from fedbits.resolve import config_toml, load_config, resolved
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -16,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_examples_validate(name):
     cfg = load_config(EXAMPLES / name)
     assert cfg.run.rounds >= 1
-    assert cfg.to_toml()
+    assert config_toml(cfg)
 
 
 def test_overrides_apply_with_types():
@@ -32,10 +33,10 @@ def test_overrides_apply_with_types():
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(EXAMPLES / "tiny.toml", ["method.target_modules=['q_proj']"])
     path = tmp_path / "c.toml"
-    path.write_text(cfg.to_toml())
+    path.write_text(config_toml(cfg))
     reloaded = load_config(path)
-    assert reloaded.resolved() == cfg.resolved()
-    assert reloaded.to_toml() == cfg.to_toml()
+    assert resolved(reloaded) == resolved(cfg)
+    assert config_toml(reloaded) == config_toml(cfg)
 
 
 @pytest.mark.parametrize(

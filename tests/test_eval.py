@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -188,8 +189,50 @@ def test_evaluate_runs_requested_metrics(tiny) -> None:
     out = evaluate(model, tok, EXAMPLES, items, section, max_length=64)
     assert set(out) == {"eval_loss", "perplexity", "eval_tokens", "rougeL", "exact_match"}
     assert out["eval_loss"] == pytest.approx(eval_loss(model, items, 3, tok.pad_token_id)["eval_loss"])
-    assert 0 <= out["rougeL"] <= 100 and 0 <= out["exact_match"] <= 100
+    predictions = greedy_generate(model, tok, [ex.prompt for ex in EXAMPLES], max_length=64,
+                                  max_new_tokens=4, batch_size=3)
+    assert out["rougeL"] == rouge_l(predictions, [ex.completion for ex in EXAMPLES])
+    answered = [(p, ex.answer) for p, ex in zip(predictions, EXAMPLES) if ex.answer is not None]
+    assert out["exact_match"] == 100 * sum(is_exact_match(p, a) for p, a in answered) / 3
     assert out == evaluate(model, tok, EXAMPLES, items, section, max_length=64)
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokens: lowercase ASCII letters and digits, nothing else."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _hand_rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 from a longest common subsequence computed here, not by rouge-score."""
+    p, r = _rouge_tokens(prediction), _rouge_tokens(reference)
+    lcs = [[0] * (len(r) + 1) for _ in range(len(p) + 1)]
+    for i, a in enumerate(p):
+        for j, b in enumerate(r):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if a == b else max(lcs[i][j + 1], lcs[i + 1][j])
+    common = lcs[len(p)][len(r)]
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_evaluate_rouge_l_equals_a_hand_computed_value(tiny) -> None:
+    """References built from the random model's own greedy outputs (one exact, one sharing
+    two words, one unrelated, one reversed), so the score is neither 0 nor 100 and pairs
+    each prediction with its own reference."""
+    model, tok = tiny
+    prompts = [ex.prompt for ex in EXAMPLES]
+    predictions = greedy_generate(model, tok, prompts, max_length=64, max_new_tokens=24,
+                                  batch_size=3)
+    references = [predictions[0], " ".join(_rouge_tokens(predictions[1])[:2]) + " plus words",
+                  "zzzz qqqq", " ".join(reversed(_rouge_tokens(predictions[3])))]
+    examples = [Example(p, ref, "t", None) for p, ref in zip(prompts, references)]
+    items, _ = tokenize_all(tok, examples, 64)
+    section = EvalSection(metrics=["rougeL"], max_new_tokens=24, batch_size=3)
+    got = evaluate(model, tok, examples, items, section, max_length=64)["rougeL"]
+    want = 100 * sum(map(_hand_rouge_l, predictions, references)) / len(examples)
+    assert 0 < want < 100
+    assert got == pytest.approx(want, abs=1e-9)
 
 
 def test_evaluate_caps_examples_and_skips_unmeasurable(tiny) -> None:

@@ -12,16 +12,16 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from fedbits.config import load_config
 from fedbits.errors import ClientError, WireError
 from fedbits.methods import ClientData, get_method
 from fedbits.models import build_byte_tokenizer
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
 from fedbits.wire import header_size
 
-from conftest import TINY, assert_same_final_and_ledger, quiet
+from conftest import TINY, assert_same_final_and_ledger
 
 LAYERS = 6
 
@@ -54,7 +54,7 @@ def _overrides(out: Path, model: str, *extra: str) -> list[str]:
 
 
 def _halves(overrides: list[str]):
-    setup = prepare_run(load_config(TINY, overrides), quiet)
+    setup = prepare_run(load_config(TINY, overrides))
     ctx = setup.method_context()
     spec = get_method("fedcybgd")
     return setup, spec.server(ctx), spec.client(ctx)
@@ -82,8 +82,8 @@ def _rows(path: Path) -> list[dict]:
 
 def test_one_block_up_change_only_down_frozen_rest(tmp_path, six_layers):
     cfg = load_config(TINY, _overrides(tmp_path, six_layers, "run.rounds=5"))
-    run_dir = run_experiment(cfg, log=quiet)
-    base = dict(prepare_run(cfg, quiet).base_model.named_parameters())
+    run_dir = run_experiment(cfg)
+    base = dict(prepare_run(cfg).base_model.named_parameters())
     block = sum(p.numel() for n, p in base.items() if ".layers.0." in n)
     full_model = 4 * sum(p.numel() for p in base.values())
 
@@ -206,10 +206,10 @@ def test_stale_store_is_refused_then_resynced_and_a_wrong_start_is_rejected(tmp_
 
 def test_resume_is_bit_identical(tmp_path, six_layers):
     common = _overrides(tmp_path, six_layers, "data.num_clients=4")
-    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]), log=quiet)
-    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=quiet)
+    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]))
+    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]))
     resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=4"]),
-                             resume=True, log=quiet)
+                             resume=True)
     assert_same_final_and_ledger(straight, resumed)
     # a client synced twice before the resume, so its store was in use across it
     assert any(s["blocks_received"] < LAYERS for row in _rows(resumed / "metrics.jsonl")[3:]

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedbits.config import load_config
 from fedbits.methods.fedkseed.client import POOL_KEY, FedKSeedClient
 from fedbits.methods.fedkseed.wire import EntryFormat, encode_entries
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.simulation import Simulation
 from fedbits.wire import Writer, header_size
 
-from conftest import REPO, quiet
+from conftest import REPO
 
 EXAMPLE = REPO / "examples" / "fedkseed-tiny.toml"
 
@@ -29,7 +29,7 @@ def _rows(run_dir: Path) -> list[dict]:
 def _simulate(tmp_path: Path, *overrides: str, rounds: int = 4) -> Simulation:
     cfg = load_config(EXAMPLE, [f"run.out_dir={tmp_path}", f"run.rounds={rounds}", *overrides])
     (tmp_path / "sim").mkdir(parents=True)
-    sim = Simulation(prepare_run(cfg, quiet), tmp_path / "sim", quiet)
+    sim = Simulation(prepare_run(cfg), tmp_path / "sim")
     sim.run()
     return sim
 
@@ -56,7 +56,7 @@ def test_a_client_whose_replay_diverges_is_refused_then_resynced(tmp_path):
     cfg = load_config(EXAMPLE, [f"run.out_dir={tmp_path}", "run.rounds=4", "clients.per_round=6",
                                   "method.num_seeds=4096"])
     (tmp_path / "sim").mkdir()
-    sim = Simulation(prepare_run(cfg, quiet), tmp_path / "sim", quiet)
+    sim = Simulation(prepare_run(cfg), tmp_path / "sim")
     for round_ in (1, 2):
         sim.run_round(round_)
         sim._checkpoint(round_)
@@ -92,11 +92,11 @@ def test_uplink_and_downlink_bytes_follow_the_wire_format(tmp_path):
 
 def test_fedkseed_resume_is_bit_identical(tmp_path):
     common = [f"run.out_dir={tmp_path}", "eval.every=100"]
-    whole = run_experiment(load_config(EXAMPLE, common + ["run.name=whole", "run.rounds=4"]), log=quiet)
+    whole = run_experiment(load_config(EXAMPLE, common + ["run.name=whole", "run.rounds=4"]))
     part = load_config(EXAMPLE, common + ["run.name=part", "run.rounds=2"])
-    run_experiment(part, log=quiet)
+    run_experiment(part)
     resumed = run_experiment(load_config(EXAMPLE, common + ["run.name=part", "run.rounds=4"]),
-                             resume=True, log=quiet)
+                             resume=True)
     from safetensors.torch import load_file
 
     want = load_file(whole / "final" / "model.safetensors")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -19,12 +20,12 @@ from pathlib import Path
 import pytest
 
 from fedbits.cli import main
-from fedbits.config import load_config
 from fedbits.data.examples import load_examples
 from fedbits.errors import ConfigError, DataError
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 
-from conftest import REPO, TINY, assert_same_final_and_ledger, quiet
+from conftest import REPO, TINY, assert_same_final_and_ledger
 
 FAST = ["run.rounds=1", "eval.metrics=['loss']", "eval.max_examples=4", "clients.local_steps=1"]
 
@@ -47,8 +48,8 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 def finished_run(tmp_path_factory) -> Path:
     """A completed one-round tiny run under an out_dir that also holds another run."""
     out = tmp_path_factory.mktemp("runs")
-    run_experiment(load_config(TINY, [f"run.out_dir={out}", "run.name=old", *FAST]), log=quiet)
-    run_experiment(load_config(TINY, [f"run.out_dir={out}", "run.name=other", *FAST]), log=quiet)
+    run_experiment(load_config(TINY, [f"run.out_dir={out}", "run.name=old", *FAST]))
+    run_experiment(load_config(TINY, [f"run.out_dir={out}", "run.name=other", *FAST]))
     return out / "old"
 
 
@@ -98,9 +99,9 @@ def test_overwrite_refuses_a_directory_that_is_not_a_fedbits_run(capsys, tmp_pat
 # -- 3 + acceptance: killed anywhere, resumed: each round exactly once ----------------
 def test_resuming_after_round_0_writes_round_0_once(tmp_path):
     common = [f"run.out_dir={tmp_path}", *FAST]
-    run_dir = run_experiment(load_config(TINY, [*common, "run.rounds=0"]), log=quiet)
+    run_dir = run_experiment(load_config(TINY, [*common, "run.rounds=0"]))
     assert _rounds(run_dir) == [0]
-    run_experiment(load_config(TINY, [*common, "run.rounds=2"]), resume=True, log=quiet)
+    run_experiment(load_config(TINY, [*common, "run.rounds=2"]), resume=True)
     assert _rounds(run_dir) == [0, 1, 2]
 
 
@@ -121,7 +122,7 @@ KILL_RUN = ["run.rounds=2", "eval.metrics=['loss']", "eval.max_examples=8"]
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref")
-    return run_experiment(load_config(TINY, [f"run.out_dir={out}", *KILL_RUN]), log=quiet)
+    return run_experiment(load_config(TINY, [f"run.out_dir={out}", *KILL_RUN]))
 
 
 @pytest.mark.parametrize("lines_written", [0, 1], ids=["during round 0", "after round 0"])
@@ -228,7 +229,7 @@ def test_a_run_with_no_accepted_update_exits_non_zero_with_the_reasons(capsys, t
 # -- 8. the saved config and the resume rules -----------------------------------------
 def test_config_toml_holds_the_method_defaults_and_resume_rules(capsys, tmp_path):
     common = [f"run.out_dir={tmp_path}", *FAST, "run.rounds=2"]
-    run_dir = run_experiment(load_config(TINY, common), log=quiet)
+    run_dir = run_experiment(load_config(TINY, common))
     saved = (run_dir / "config.toml").read_text()
     for key in ("lora_r = 16", "lora_alpha = 16.0", "server_opt = ", "server_lr = ",
                 "error_feedback = false"):
@@ -242,18 +243,19 @@ def test_config_toml_holds_the_method_defaults_and_resume_rules(capsys, tmp_path
 
 
 # -- 9. truncation is counted and warned about ----------------------------------------
-def test_truncation_is_counted_in_the_header_and_metrics(tmp_path):
-    lines: list[str] = []
+def test_truncation_is_counted_in_the_header_and_metrics(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fedbits")
     run_dir = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", *FAST,
-                                                "clients.max_length=16"]), log=lines.append)
-    assert any(line.startswith("max_length 16 cuts ") for line in lines), lines
-    assert any(line.startswith("warning: ") and "clients.max_length=16" in line
-               for line in lines), lines
+                                                "clients.max_length=16"]))
+    assert any(r.levelno == logging.INFO and r.getMessage().startswith("max_length 16 cuts ")
+               for r in caplog.records), caplog.text
+    assert any(r.levelno == logging.WARNING and "clients.max_length=16" in r.getMessage()
+               for r in caplog.records), caplog.text
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     assert rows[0]["eval_truncated"] == 4
     assert rows[1]["truncated"] > 0
     roomy = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=roomy", *FAST,
-                                              "clients.max_length=4096"]), log=quiet)
+                                              "clients.max_length=4096"]))
     assert [json.loads(line).get("truncated") for line in (roomy / "metrics.jsonl").open()] == [
         None, 0]
 
@@ -283,11 +285,10 @@ def test_data_command_names_the_tasks(capsys):
     assert all(re.search(r"[a-z_]+ \(\d+\)", row) for row in table), table
 
 
-def test_a_single_example_data_set_says_it_is_not_evaluated(tmp_path):
+def test_a_single_example_data_set_says_it_is_not_evaluated(tmp_path, caplog):
     path = tmp_path / "one.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n')
-    lines: list[str] = []
     run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", f"data.source={path}", *FAST,
-                                      "data.num_clients=1", "clients.per_round=1"]),
-                   log=lines.append)
-    assert any("warning: no held-out examples (1 examples" in line for line in lines), lines
+                                      "data.num_clients=1", "clients.per_round=1"]))
+    assert any(r.levelno == logging.WARNING and "no held-out examples (1 examples" in r.getMessage()
+               for r in caplog.records), caplog.text

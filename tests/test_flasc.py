@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedbits.config import load_config
 from fedbits.errors import ConfigError
 from fedbits.methods import ClientData, get_method
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
 from fedbits.wire import Direction
 
-from conftest import TINY, quiet
+from conftest import TINY
 
 FLASC = ["method.name=flasc", "method.lora_r=4", "clients.local_steps=4"]
 
@@ -42,14 +42,15 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_flasc_sends_a_fraction_of_fedit_bytes_and_learns(tiny_overrides):
     common = tiny_overrides + ["run.rounds=2", "method.lora_r=4", "clients.local_steps=4",
                                "eval.metrics=['loss']"]
-    fedit = run_experiment(load_config(TINY, common + ["run.name=fedit"]), log=quiet)
+    fedit = run_experiment(load_config(TINY, common + ["run.name=fedit"]))
     flasc = run_experiment(load_config(TINY, common + [
         "run.name=flasc", "method.name=flasc", "method.density_up=0.0625",
         "method.density_down=0.0625", "method.server_opt=avg", "method.server_lr=1.0",
-    ]), log=quiet)
+    ]))
     for direction in ("up", "down"):
         ratio = _mean_bytes(fedit, direction) / _mean_bytes(flasc, direction)
-        assert ratio > 4, (direction, ratio)  # 16x fewer values, minus index and framing bytes
+        # 16x fewer values, less the index and framing bytes: 12.5x here, 26.5x on smollm2
+        assert ratio >= 12, (direction, ratio)
     rows = [json.loads(x) for x in (flasc / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert not any(r["rejected"] for r in rows)
@@ -57,7 +58,7 @@ def test_flasc_sends_a_fraction_of_fedit_bytes_and_learns(tiny_overrides):
 
 def _halves(tiny_overrides: list[str], extra: list[str]):
     cfg = load_config(TINY, tiny_overrides + FLASC + extra)
-    setup = prepare_run(cfg, quiet)
+    setup = prepare_run(cfg)
     ctx = setup.method_context()
     spec = get_method("flasc")
     items, _ = setup.tokenize(setup.clients[0])
@@ -145,14 +146,14 @@ def test_plain_averaging_over_a_sparse_download_warns_once_per_run(tiny_override
     caplog.set_level(logging.WARNING, logger="fedbits.methods.flasc")
     cfg = load_config(TINY, tiny_overrides + FLASC + [
         "method.server_opt='avg'", "run.rounds=1", "eval.metrics=['loss']"])
-    run_experiment(cfg, log=quiet)
+    run_experiment(cfg)
     assert len(_drift_warnings(caplog)) == 1
 
 
 @pytest.mark.parametrize("extra", [[], ["method.server_opt='avg'", "method.density_down=1.0"]])
 def test_fedadam_or_a_dense_download_does_not_warn(tiny_overrides, caplog, extra):
     caplog.set_level(logging.WARNING, logger="fedbits.methods.flasc")
-    setup = prepare_run(load_config(TINY, tiny_overrides + FLASC + extra), quiet)
+    setup = prepare_run(load_config(TINY, tiny_overrides + FLASC + extra))
     get_method("flasc").server(setup.method_context())
     assert not _drift_warnings(caplog)
 
@@ -160,11 +161,11 @@ def test_fedadam_or_a_dense_download_does_not_warn(tiny_overrides, caplog, extra
 @pytest.mark.parametrize("method", ["fedavg", "fedit"])
 def test_codec_chains_on_dense_methods(tiny_overrides, method):
     common = tiny_overrides + [f"method.name={method}", "run.rounds=2", "eval.metrics=['loss']"]
-    plain = run_experiment(load_config(TINY, common + ["run.name=plain"]), log=quiet)
+    plain = run_experiment(load_config(TINY, common + ["run.name=plain"]))
     packed = run_experiment(load_config(TINY, common + [
         "run.name=packed", "method.uplink=['topk:0.25','int8','zstd']", "method.downlink=['fp16']",
         "method.error_feedback=true",
-    ]), log=quiet)
+    ]))
     assert _mean_bytes(packed, "up") < _mean_bytes(plain, "up") / 4
     assert _mean_bytes(packed, "down") < _mean_bytes(plain, "down") * 0.51
     rows = [json.loads(x) for x in (packed / "metrics.jsonl").read_text().splitlines()]
@@ -175,17 +176,17 @@ def test_codec_chains_on_dense_methods(tiny_overrides, method):
 def test_flasc_with_error_feedback_resumes_bit_identically(tmp_path):
     common = [f"run.out_dir={tmp_path}", *FLASC, "method.error_feedback=true",
               "method.uplink=['int8']", "eval.metrics=['loss']", "method.density_up=0.125"]
-    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]), log=quiet)
-    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=quiet)
+    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]))
+    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]))
     resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=4"]),
-                             resume=True, log=quiet)
+                             resume=True)
     want, got = _final(straight), _final(resumed)
     assert want and all(torch.equal(want[k], got[k]) for k in want)
     assert (straight / "ledger.jsonl").read_text() == (resumed / "ledger.jsonl").read_text()
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method.name=flasc", "method.uplink=['topk:0.1']"], "flasc chooses the positions"),
+    (["method.name=flasc", "method.uplink=['topk:0.1']"], "selects positions, but flasc chooses them itself"),
     (["method.name=fedavg", "method.error_feedback=true"], "error_feedback needs"),
     (["method.name=fedit", "method.uplink=['int9']"], "method.uplink"),
     (["method.name=fedit", "method.uplink=['fp16']", "method.wire_dtype=float16"], "not both"),

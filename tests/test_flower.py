@@ -24,6 +24,7 @@ readers, and a node's client store must settle rounds as the checkpoints say.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -38,10 +39,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedbits.config import load_config
-from fedbits.methods import available_methods
-from fedbits.runtime import run_experiment
 from fedbits.cli import main as fedbits_main
+from fedbits.methods import available_methods
+from fedbits.resolve import config_toml, load_config
+from fedbits.runtime import run_experiment
 from fedbits.runtime.flower.app import write_connection
 from fedbits.runtime.flower.certs import make_certificates, make_node_key
 from fedbits.runtime.flower.launch import flower_tool
@@ -83,7 +84,7 @@ def test_generated_app_and_connection_pass_flowers_own_readers(tmp_path, monkeyp
     shipped = get_fused_config_from_dir(app, {})[CONFIG_KEY]
     cfg = load_config(TINY, ["run.name=a b", "runtime.kind=flower"])
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
-    assert shipped == cfg.to_toml()  # every node trains with exactly the server's config
+    assert shipped == config_toml(cfg)  # every node trains with exactly the server's config
 
 
 def test_settle_commits_checkpointed_rounds_and_drops_the_rest(tmp_path):
@@ -160,23 +161,25 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _run(example: Path, overrides: list[str], lines: list[str]) -> Path:
-    return run_experiment(load_config(example, SMALL + overrides), log=lines.append)
+@pytest.fixture(autouse=True)
+def _run_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Keep fedbits' INFO records, the Flower run's streamed log among them: pytest shows
+    them with a failing test."""
+    caplog.set_level(logging.INFO, logger="fedbits")
+
+
+def _run(example: Path, overrides: list[str]) -> Path:
+    return run_experiment(load_config(example, SMALL + overrides))
 
 
 def _flower_and_simulator(fed: Federation, example: Path, name: str,
                           extra: list[str]) -> tuple[Path, Path]:
     """The same run on Flower and, meanwhile in a thread, in the simulator."""
-    lines: list[str] = []
     sim_overrides = [f"run.out_dir={fed.tmp / 'sim-runs'}", f"run.name={name}", *extra]
     available_methods()  # load the registry here: fedbits.methods' first load is not thread-safe
     with ThreadPoolExecutor(1) as pool:
-        sim = pool.submit(_run, example, sim_overrides, [])
-        try:
-            flower = _run(example, fed.overrides(name) + extra, lines)
-        except Exception:
-            print("\n".join(lines))
-            raise
+        sim = pool.submit(_run, example, sim_overrides)
+        flower = _run(example, fed.overrides(name) + extra)
         return flower, sim.result()
 
 
@@ -198,10 +201,12 @@ def _assert_same_run(flower: Path, sim: Path) -> None:
     assert traffic["flower_total_bytes"] == flower_run["network_traffic"]["total-bytes"] > payload
 
 
+@pytest.mark.e2e
 def test_fedit_over_tls_matches_the_simulator(federation):
     _assert_same_run(*_flower_and_simulator(federation, TINY, "fedit", []))
 
 
+@pytest.mark.e2e
 def test_fedkseed_over_tls_matches_the_simulator(federation):
     flower, sim = _flower_and_simulator(federation, FEDKSEED, "fedkseed", ["clients.local_steps=8"])
     _assert_same_run(flower, sim)
@@ -210,6 +215,17 @@ def test_fedkseed_over_tls_matches_the_simulator(federation):
         assert all(info["reused"] and info["setup_seconds"] == 0 for info in row["flower"].values())
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", [m for m in available_methods()
+                                    if m not in ("fedit", "fedkseed") and not m.startswith("test-")])
+def test_every_other_method_over_flower_matches_the_simulator(federation, method):
+    """The conformance suite's Flower half (fedit and fedkseed have their own tests above):
+    final weights, ledger and metrics equal the simulator's for the same config."""
+    _assert_same_run(*_flower_and_simulator(
+        federation, TINY, method, [f"method.name={method}", "clients.local_steps=2"]))
+
+
+@pytest.mark.e2e
 def test_an_unregistered_supernode_is_refused(federation):
     assert federation.stranger is not None
     proc, log = federation.stranger
@@ -221,7 +237,8 @@ def test_an_unregistered_supernode_is_refused(federation):
     assert "No SuperNode found with the given public key" in superlink_log
 
 
-def test_a_worker_killed_mid_round_costs_only_its_reply(federation):
+@pytest.mark.e2e
+def test_a_worker_killed_mid_round_costs_only_its_reply(federation, caplog):
     node_log = federation.nodes[1][1]
     pid_file = federation.tmp / "node-1" / "worker.pid"
     killed: list[int] = []
@@ -242,15 +259,14 @@ def test_a_worker_killed_mid_round_costs_only_its_reply(federation):
         log.seek(0, os.SEEK_END)  # earlier runs trained round 1 too
         watcher = threading.Thread(target=kill_when_training, args=(log,), daemon=True)
         watcher.start()
-        lines: list[str] = []
         # enough local steps that the worker is still training when the watcher strikes
         run_dir = _run(TINY, federation.overrides("killed") + ["run.rounds=1",
-                                                               "clients.local_steps=12"], lines)
+                                                               "clients.local_steps=12"])
         watcher.join(5)
     assert killed, "the worker was never seen training round 1"
 
     r1 = _rows(run_dir / "metrics.jsonl")[1]
-    assert r1["clients"] == [0, 1] and list(r1["rejected"]) == ["1"], "\n".join(lines)
+    assert r1["clients"] == [0, 1] and list(r1["rejected"]) == ["1"], caplog.text
     assert "died while serving" in r1["rejected"]["1"]
     assert r1["train_loss"] is not None  # client 0's update was aggregated
     ledger = [(r["round"], r["client"], r["direction"]) for r in _rows(run_dir / "ledger.jsonl")]

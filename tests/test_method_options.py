@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from fedbits.cli import main
-from fedbits.config import load_config
 from fedbits.errors import ConfigError
 from fedbits.methods import available_methods, get_method
 from fedbits.methods._dense import ADAPTIVE_SERVER_LR
+from fedbits.resolve import load_config
 
 from conftest import TINY
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import json
 import math
 
@@ -9,29 +12,38 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedbits.config import load_config
+from fedbits.data.batching import iterate_batches
 from fedbits.errors import ClientError, WireError
 from fedbits.methods import available_methods, get_method
 from fedbits.methods._dense import DenseClient, DenseServer
 from fedbits.methods.fedavg import _prepare as prepare_full
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
-from fedbits.data.batching import iterate_batches
 from fedbits.train import make_optimizer
 from fedbits.wire import Direction, Writer, encode_message, header_size
 
-from conftest import TINY, quiet
+from conftest import TINY
 
 
-def test_registry_finds_builtin_methods():
-    assert {"fedavg", "fedit"} <= set(available_methods())
-    assert get_method("fedit").name == "fedit"
+BUILTIN_METHODS = {"fedavg", "fedit", "flasc", "partial", "fedcybgd", "fedkseed", "fedkseed-pro"}
+
+
+def test_registry_finds_every_builtin_method_and_nothing_else():
+    """In a fresh process (this one holds the tests' own registrations), the registry is
+    exactly the built-in methods, each registered under its own name."""
+    code = ("from fedbits.methods import available_methods, get_method\n"
+            "print(','.join(n for n in available_methods() if get_method(n).name == n))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert set(out.split(",")) == BUILTIN_METHODS
+    assert BUILTIN_METHODS <= set(available_methods())
 
 
 def test_fedit_uplink_is_lora_params_times_width_plus_fixed_header(tiny_overrides):
     cfg = load_config(TINY, tiny_overrides + ["run.rounds=2"])
-    run_dir = run_experiment(cfg, log=quiet)
-    setup = prepare_run(cfg, quiet)
+    run_dir = run_experiment(cfg)
+    setup = prepare_run(cfg)
     server = get_method("fedit").server(setup.method_context())
     trainable, _ = server.model.get_nb_trainable_parameters()  # peft's own count
     # envelope + num_samples u32 + train_loss f32 + fingerprint u64 + dtype u8 + count u64
@@ -62,7 +74,7 @@ def test_fedavg_one_client_one_step_equals_centralized_step(tiny_overrides):
         "clients.per_round=1", "clients.local_steps=1", "clients.optimizer=sgd",
         "clients.lr=0.5", "clients.momentum=0.9",
     ])
-    setup = prepare_run(cfg, quiet)
+    setup = prepare_run(cfg)
     ctx = setup.method_context()
     server, client = DenseServer(ctx, prepare_full), DenseClient(ctx, prepare_full)
     items, _ = setup.tokenize(setup.clients[0])
@@ -91,7 +103,7 @@ def test_fedavg_one_client_one_step_equals_centralized_step(tiny_overrides):
 
 def test_bad_uplinks_are_rejected_with_reasons(tiny_overrides):
     cfg = load_config(TINY, tiny_overrides + ["method.name=fedavg"])
-    setup = prepare_run(cfg, quiet)
+    setup = prepare_run(cfg)
     server = get_method("fedavg").server(setup.method_context())
     n = server.layout.numel
     good = Writer().u32(5).f32(1.0).u64(server.layout.fingerprint).u8(1).u64(n)

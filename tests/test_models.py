@@ -13,12 +13,12 @@ from fedbits.errors import ModelError
 from fedbits.models import (
     BUILTIN_MODELS,
     build_byte_tokenizer,
-    cache_dir,
     check_model_name,
     load_model,
     load_tokenizer,
     model_dtype,
 )
+from fedbits.paths import cache_dir, converted_model_dir
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -146,6 +146,7 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path) -> None:
     assert cache_dir() == tmp_path
     monkeypatch.delenv("FEDBITS_CACHE")
     assert cache_dir().parts[-2:] == (".cache", "fedbits")
+    assert converted_model_dir("x") == cache_dir() / "models" / "x"
 
 
 def test_missing_smollm2_wheel_gives_the_pip_command(monkeypatch, tmp_path) -> None:
@@ -169,4 +170,4 @@ def test_smollm2_loads_offline_with_chat_template() -> None:
     assert n == pytest.approx(134.5e6, rel=0.01)
     assert tok.chat_template and tok.pad_token_id is not None
     assert getattr(model.config, "quantization_config", None) is None
-    assert (cache_dir() / "models" / "smollm2-135m" / "config.json").is_file()
+    assert (converted_model_dir("smollm2-135m") / "config.json").is_file()

@@ -13,17 +13,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fedbits.config import ModelSection, load_config
+from fedbits.config import ModelSection
 from fedbits.errors import ClientError, ConfigError, WireError
 from fedbits.methods import ClientData, get_method
 from fedbits.methods._blocks import BlockSchedule, SubsetOptions, decoder_layers, subset_from_options
 from fedbits.models import load_model
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.server_opt import ReddiAdaptive
 from fedbits.wire import Direction, Layout, Writer, encode_message, header_size
 
-from conftest import TINY, assert_same_final_and_ledger, quiet
+from conftest import TINY, assert_same_final_and_ledger
 
 FAST = ["eval.metrics=['loss']", "eval.max_examples=8", "clients.local_steps=2"]
 
@@ -123,7 +124,7 @@ def test_cycling_schedules_visit_every_block_once_per_cycle():
 
 def _halves(overrides: list[str]):
     cfg = load_config(TINY, overrides)
-    setup = prepare_run(cfg, quiet)
+    setup = prepare_run(cfg)
     ctx = setup.method_context()
     spec = get_method(cfg.method.name)
     return setup, spec.server(ctx), spec.client(ctx)
@@ -153,8 +154,8 @@ def test_quarter_model_int8_sends_a_fraction_of_fedavg_and_frozen_weights_stay_p
 ):
     cfg = load_config(TINY, tiny_overrides + FAST + [
         "run.rounds=2", "method.name=partial", "method.layer_fraction=0.5", "method.uplink=['int8']"])
-    partial = run_experiment(cfg, log=quiet)
-    setup = prepare_run(cfg, quiet)
+    partial = run_experiment(cfg)
+    setup = prepare_run(cfg)
     base = dict(setup.base_model.named_parameters())
     top = {n: p for n, p in base.items() if ".layers.1." in n}
     n = sum(p.numel() for p in top.values())
@@ -262,10 +263,10 @@ def test_every_server_optimizer_resumes_bit_exactly(tiny_overrides, opt):
 def test_fedyogi_run_resumes_from_its_checkpoint(tmp_path):
     common = FAST + [f"run.out_dir={tmp_path}", "method.name=partial", "method.server_opt=fedyogi",
                      "method.server_lr=0.01", "method.schedule=client", "method.layer_fraction=0.5"]
-    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=2"]), log=quiet)
-    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=1"]), log=quiet)
+    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=2"]))
+    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=1"]))
     resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]),
-                             resume=True, log=quiet)
+                             resume=True)
     assert_same_final_and_ledger(straight, resumed)
 
 

@@ -14,17 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedbits.config import load_config
 from fedbits.methods import MethodSpec, register
 from fedbits.methods._dense import DenseClient, DenseServer
 from fedbits.methods.fedavg import FedAvgOptions, _prepare
+from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 
 from conftest import REPO, TINY
 
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -41,7 +38,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_tiny_run_writes_everything(tiny_overrides):
-    run_dir = run_experiment(load_config(TINY, tiny_overrides), log=_quiet)
+    run_dir = run_experiment(load_config(TINY, tiny_overrides))
     for name in ("config.toml", "metrics.jsonl", "ledger.jsonl", "report.md",
                  "checkpoints/latest.pt", "final/adapter_config.json"):
         assert (run_dir / name).exists(), name
@@ -55,10 +52,9 @@ def test_tiny_run_writes_everything(tiny_overrides):
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path):
-    a = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=a"]), log=_quiet)
-    b = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=b"]), log=_quiet)
-    c = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=c", "run.seed=1"]),
-                       log=_quiet)
+    a = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=a"]))
+    b = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=b"]))
+    c = run_experiment(load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=c", "run.seed=1"]))
     wa, wb, wc = _final_weights(a), _final_weights(b), _final_weights(c)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
@@ -82,7 +78,7 @@ def test_bad_client_is_rejected_and_round_continues(tiny_overrides):
     cfg = load_config(TINY, tiny_overrides + ["method.name=test-corrupt", "data.num_clients=3",
                                               "data.partition=iid", "clients.per_round=3",
                                               "run.rounds=2"])
-    run_dir = run_experiment(cfg, log=_quiet)
+    run_dir = run_experiment(cfg)
     rows = _rows(run_dir / "metrics.jsonl")
     for row in rows[1:]:
         assert row["clients"] == [0, 1, 2]
@@ -138,29 +134,26 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 def test_resume_refuses_a_changed_config(tiny_overrides):
     cfg = load_config(TINY, tiny_overrides + ["run.rounds=1"])
-    run_experiment(cfg, log=_quiet)
+    run_experiment(cfg)
     from fedbits.errors import ConfigError, FedbitsError
     with pytest.raises(ConfigError, match="clients.lr"):
-        run_experiment(load_config(TINY, tiny_overrides + ["clients.lr=0.1"]), resume=True,
-                       log=_quiet)
+        run_experiment(load_config(TINY, tiny_overrides + ["clients.lr=0.1"]), resume=True)
     with pytest.raises(FedbitsError, match="already exists"):
-        run_experiment(cfg, log=_quiet)
+        run_experiment(cfg)
     # more rounds may be added to a finished run
-    run_dir = run_experiment(load_config(TINY, tiny_overrides + ["run.rounds=2"]), resume=True,
-                             log=_quiet)
+    run_dir = run_experiment(load_config(TINY, tiny_overrides + ["run.rounds=2"]), resume=True)
     assert [r["round"] for r in _rows(run_dir / "metrics.jsonl")] == [0, 1, 2]
 
 
 def test_fedadam_state_survives_resume(tmp_path):
     """Adam's moments live in the checkpoint: 2 rounds + resume to 4 == 4 straight."""
     common = [f"run.out_dir={tmp_path}", "method.server_opt=fedadam", "method.server_lr=0.01"]
-    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]),
-                              log=_quiet)
-    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]), log=_quiet)
+    straight = run_experiment(load_config(TINY, common + ["run.name=s", "run.rounds=4"]))
+    run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=2"]))
     resumed = run_experiment(load_config(TINY, common + ["run.name=r", "run.rounds=4"]),
-                             resume=True, log=_quiet)
+                             resume=True)
     want, got = _final_weights(straight), _final_weights(resumed)
     base = run_experiment(load_config(TINY, common + ["run.name=avg", "run.rounds=4",
-                                                      "method.server_opt=avg"]), log=_quiet)
+                                                      "method.server_opt=avg"]))
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert any(not torch.equal(want[k], _final_weights(base)[k]) for k in want)

@@ -1,26 +1,33 @@
-"""A codec chain: sparsify, write the values, entropy-code, frame with a checksum.
+"""A codec chain: choose positions, write the values, transform the bytes, frame with
+a checksum. The stages are whatever the registry built (:mod:`fedbits.compress.codec`
+says what each role does); the chain owns everything they share.
 
 Payload layout (all integers little-endian)::
 
     u8   format version (1)
     2    chain fingerprint: BLAKE2b-16 of what decides how the body is read
-    [u8  body coding: 0 raw, 1 zstd]          only for chains ending in zstd
-    body                                      possibly one zstd frame
-    u32  CRC-32 of (numel u64 [, each segment size u64 for topk_tensor]) + all bytes above
+    body                                      after each bytes stage, in order
+    u32  CRC-32 of (numel u64 [, each segment size u64 for a per-tensor sparsifier])
+         + all bytes above
 
     body = positions + values
-    positions: nothing (dense) | encode_indices (top-k) | u64 seed (random-k)
-    values:    the format's bytes for the k (or n) values, see values.py
+    positions: nothing (dense) | the positions stage's bytes (top-k indices, a random-k seed)
+    values:    the values stage's bytes for the k (or n) values
+    zstd:      u8 coding (0 raw, 1 zstd) + the body, raw or compressed
 
 Framing is 7 bytes (8 with zstd). The vector's length is not sent: both sides know
 it, and it is folded into the checksum instead, so decoding with a different numel
 (or, for per-tensor top-k, different segments) fails the check rather than
 producing a plausible wrong tensor. The same check catches any bit flip, so a
 payload that decodes is exactly the one that was encoded (but for a 2^-32 chance).
-The fingerprint, checked first, covers
-the sparsifier and density, the value format and block size, and whether zstd is on
-(not the zstd level or ``sr``, which do not change how bytes are read), so a payload
-decoded with another chain is refused with a message saying so.
+The fingerprint, checked first, covers each stage's name and the parameters that
+decide how its bytes are read (the density, the block size; not the zstd level or
+``sr``, which do not), so a payload decoded with another chain is refused with a
+message saying so.
+
+Beyond the checksum the chain checks, for every stage: the count of positions, the
+exact size of the values, that decoded values are finite, and that no bytes stage
+inflates past the largest body this chain could write for this vector.
 """
 
 from __future__ import annotations
@@ -32,25 +39,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import zstandard
 
-from fedbits.compress.indices import decode_indices, encode_indices
-from fedbits.compress.sparsify import (
-    random_positions,
-    segment_topk_positions,
-    topk_positions,
-)
-from fedbits.compress.stages import Sparsifier, Stages, ValueFormat, Zstd, parse_stages
-from fedbits.compress.values import decode_values, encode_values, value_bytes
+from fedbits.compress.codec import Buffer, Codec
+from fedbits.compress.registry import Stages, parse_stages
 from fedbits.errors import WireError
 from fedbits.wire import Reader
-from fedbits.wire.codec import zstd_decompress_bounded
 
 FORMAT_VERSION = 1
-_RAW, _ZSTD = 0, 1
 _CRC_BYTES = 4
-_SEED_BYTES = 8
-_MAX_SEED = 2**63 - 1  # torch.randint's exclusive bound for an int64 draw
 
 
 def parse_chain(stages: Sequence[str], field: str = "chain") -> Chain:
@@ -73,19 +69,7 @@ class Chain:
     @property
     def is_sparse(self) -> bool:
         """True when only some positions travel (the rest decode to zero)."""
-        return self._stages.sparsifier is not None
-
-    @property
-    def _sparsifier(self) -> Sparsifier | None:
-        return self._stages.sparsifier
-
-    @property
-    def _values(self) -> ValueFormat:
-        return self._stages.values
-
-    @property
-    def _zstd(self) -> Zstd | None:
-        return self._stages.zstd
+        return self._stages.positions is not None
 
     def __repr__(self) -> str:
         return f"Chain({list(self.spec)!r})"
@@ -108,31 +92,21 @@ class Chain:
         flat = _check_vector(x)
         n = flat.numel()
         segs = self._check_segments(segments, n)
-        positions: list[bytes] = []  # what says which positions travel
+        positions, values = self._stages.positions, self._stages.values
+        body: list[memoryview] = []
         sent = flat
-        sparsifier = self._sparsifier
-        if sparsifier is not None:
-            if sparsifier.kind == "randk":
-                if generator is None:
-                    raise ValueError(f"{sparsifier} needs a torch.Generator to draw its seed")
-                seed = int(torch.randint(0, _MAX_SEED, (1,), generator=generator))
-                idx = random_positions(seed, n, sparsifier.count(n))
-                positions.append(struct.pack("<Q", seed))
-            else:
-                if sparsifier.kind == "topk":
-                    idx = topk_positions(flat.numpy(), sparsifier.count(n))
-                else:
-                    idx = segment_topk_positions(flat.numpy(), segs or [], sparsifier)
-                positions.append(encode_indices(idx, n))
+        if positions is not None:
+            idx, where = positions.select(flat.numpy(), segs, generator)
+            _check_size("positions", positions, idx.size, positions.count(n, segs))
+            body.append(_view(where))
             sent = torch.from_numpy(flat.numpy()[idx])
-        body = [*positions, *encode_values(self._values, sent, generator)]
-        frame: list[bytes | np.ndarray] = [self._head]
-        if self._zstd is None:
-            frame += body
-        else:
-            raw = b"".join(body)
-            packed = zstandard.ZstdCompressor(level=self._zstd.level).compress(raw)
-            frame += [bytes([_ZSTD]), packed] if len(packed) < len(raw) else [bytes([_RAW]), raw]
+        written = [_view(part) for part in values.encode(sent, generator)]
+        _check_size("bytes", values, sum(part.nbytes for part in written),
+                    values.nbytes(sent.numel()))
+        body += written
+        for stage in self._stages.bytes:
+            body = [_view(part) for part in stage.encode(b"".join(body))]
+        frame = [memoryview(self._head), *body]
         crc = zlib.crc32(self._context(n, segs))
         for part in frame:
             crc = zlib.crc32(part, crc)
@@ -180,7 +154,7 @@ class Chain:
         n = int(numel)
         segs = self._check_segments(segments, n)
         data = memoryview(payload)
-        head = len(self._head) + (self._zstd is not None)
+        head = len(self._head)
         if len(data) < head + _CRC_BYTES:
             raise WireError(
                 f"{what}: {len(data)} bytes is shorter than the {head + _CRC_BYTES}-byte frame"
@@ -201,15 +175,14 @@ class Chain:
             raise WireError(f"{what}: format version {data[0]}, this build reads {FORMAT_VERSION}")
         body = data[head:-_CRC_BYTES]
         try:
-            if self._zstd is not None:
-                coding = data[head - 1]
-                if coding == _ZSTD:
-                    bound = self._max_body(n, segs)
-                    body = memoryview(zstd_decompress_bounded(body, bound, what, "body.zstd"))
-                elif coding != _RAW:
-                    raise WireError(
-                        f"{what}: field body_coding: {coding} is neither raw (0) nor zstd (1)"
-                    )
+            # What each bytes stage was given, at most: the largest honest body, then
+            # whatever the stage before it could have made of that.
+            bounds, bound = [], self._max_body(n, segs)
+            for stage in self._stages.bytes:
+                bounds.append(bound)
+                bound = stage.max_bytes(bound)
+            for stage, bound in zip(reversed(self._stages.bytes), reversed(bounds), strict=True):
+                body = _view(stage.decode(body, bound, what))
             return self._read_body(body, n, segs, what)
         except (ValueError, IndexError, OverflowError, RuntimeError) as e:
             # The checks above are meant to leave nothing for these to catch; if a
@@ -220,60 +193,53 @@ class Chain:
         self, body: memoryview, n: int, segs: list[int] | None, what: str
     ) -> tuple[np.ndarray | None, torch.Tensor]:
         """Positions, then the values: everything after the positions, read in place."""
-        sparsifier = self._sparsifier
-        if sparsifier is None:
-            return None, decode_values(self._values, body, n, what)
-        r = Reader(body, what)
-        expected = self._count(n, segs)
-        if sparsifier.kind == "randk":
-            idx = random_positions(r.u64("seed"), n, expected)
-        else:
-            idx = decode_indices(r, n, what)
-            if idx.size != expected:
+        positions, stage = self._stages.positions, self._stages.values
+        idx = None
+        count = n
+        if positions is not None:
+            r = Reader(body, what)
+            idx = positions.read(r, n, segs, what)
+            count = positions.count(n, segs)
+            if idx.size != count:
                 raise WireError(
-                    f"{what}: field indices: {idx.size} positions, {sparsifier} sends {expected}"
+                    f"{what}: field indices: {idx.size} positions, {positions.spec} sends {count}"
                 )
-            if sparsifier.kind == "topk_tensor":
-                self._check_per_segment(idx, segs or [], what)
-        values = body[len(body) - r.remaining :]
-        return idx, decode_values(self._values, values, idx.size, what)
-
-    def _check_per_segment(self, idx: np.ndarray, segs: list[int], what: str) -> None:
-        bounds = np.searchsorted(idx, np.cumsum([0, *segs]))
-        wanted = [self._sparsifier.count(size) for size in segs]  # type: ignore[union-attr]
-        if np.diff(bounds).tolist() != wanted:
+            body = body[len(body) - r.remaining :]
+        if len(body) != stage.nbytes(count):
             raise WireError(
-                f"{what}: field indices: positions are not {self._sparsifier} per tensor"
+                f"{what}: field values: {len(body)} bytes, but {count} values in {stage.spec} "
+                f"take {stage.nbytes(count)}"
             )
+        values = stage.decode(body, count, what)
+        if values.dtype != torch.float32 or values.shape != (count,):
+            raise TypeError(
+                f"values stage {stage.spec} decoded {values.dtype} {tuple(values.shape)}, "
+                f"expected float32 ({count},)"
+            )
+        if not np.isfinite(values.numpy()).all():
+            raise WireError(f"{what}: field values: non-finite value")
+        return idx, values
 
     # ------------------------------------------------------------ sizes and checks
 
     @property
     def _needs_segments(self) -> bool:
-        return self._sparsifier is not None and self._sparsifier.kind == "topk_tensor"
-
-    def _count(self, n: int, segs: list[int] | None) -> int:
-        """How many values travel for a vector of n."""
-        sparsifier = self._sparsifier
-        if sparsifier is None:
-            return n
-        if sparsifier.kind == "topk_tensor":
-            return sum(sparsifier.count(size) for size in segs or [])
-        return sparsifier.count(n)
+        positions = self._stages.positions
+        return positions is not None and positions.uses_segments
 
     def _max_body(self, n: int, segs: list[int] | None) -> int:
         """The largest body an honest encoder writes: caps decompression."""
-        positions = 0
-        if self._sparsifier is not None:
-            # The encoder keeps the smallest index coding, never above the bitmask.
-            positions = _SEED_BYTES if self._sparsifier.kind == "randk" else 1 + -(-n // 8)
-        return positions + value_bytes(self._values, self._count(n, segs))
+        positions = self._stages.positions
+        if positions is None:
+            return self._stages.values.nbytes(n)
+        return positions.max_bytes(n) + self._stages.values.nbytes(positions.count(n, segs))
 
     def _check_segments(self, segments: Sequence[int] | None, n: int) -> list[int] | None:
         if segments is None:
-            if self._needs_segments:
+            positions = self._stages.positions
+            if positions is not None and positions.uses_segments:
                 raise ValueError(
-                    f"{self._sparsifier} needs segments= (the sizes of the tensors in the vector)"
+                    f"{positions.spec} needs segments= (the sizes of the tensors in the vector)"
                 )
             return None
         segs = [int(s) for s in segments]
@@ -292,13 +258,30 @@ class Chain:
 
 
 def _fingerprint(stages: Stages) -> bytes:
-    values = stages.values
     parts = [
-        str(stages.sparsifier) if stages.sparsifier else "dense",
-        f"{values.name}:block={values.block}" if values.is_int else values.name,
-        "zstd" if stages.zstd else "raw",
+        _wire_name(stages.positions) if stages.positions else "dense",
+        _wire_name(stages.values),
+        "+".join(map(_wire_name, stages.bytes)) or "raw",
     ]
     return hashlib.blake2b("|".join(parts).encode(), digest_size=2).digest()
+
+
+def _view(part: Buffer) -> memoryview:
+    """A stage's output as the buffer it is (numpy's stubs declare ndarray a buffer only
+    from Python 3.12 on)."""
+    return memoryview(part)  # type: ignore[arg-type]
+
+
+def _wire_name(stage: Codec) -> str:
+    """A stage's part of the fingerprint: its name and what decides how it is read."""
+    return f"{stage.name}:{stage.wire_params}" if stage.wire_params else stage.name
+
+
+def _check_size(unit: str, stage: Codec, got: int, documented: int) -> None:
+    """An encoder wrote what its stage says it writes, or the receiver could not read it:
+    a bug in the stage, caught on the sending side."""
+    if got != documented:
+        raise RuntimeError(f"stage {stage.spec} wrote {got} {unit} where it documents {documented}")
 
 
 def _check_vector(x: torch.Tensor) -> torch.Tensor:
@@ -309,5 +292,3 @@ def _check_vector(x: torch.Tensor) -> torch.Tensor:
     if not np.isfinite(flat.numpy()).all():  # numpy: 15x faster than torch.isfinite here
         raise ValueError("cannot encode non-finite values (inf or nan)")
     return flat
-
-

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedbits.compress.stages import Sparsifier
-
 # The multiply-shift below needs n <= 2^32, the sort keys fewer than 2^32 draws.
 MAX_RANDOM_N = 1 << 31
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -51,13 +49,13 @@ def topk_positions(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def segment_topk_positions(
-    x: np.ndarray, segments: Sequence[int], sparsifier: Sparsifier
+    x: np.ndarray, segments: Sequence[int], ks: Sequence[int]
 ) -> np.ndarray:
-    """Top-k within each segment (one tensor of the flat vector), k per segment size."""
+    """Top-``ks[i]`` within each segment ``i`` (one tensor of the flat vector)."""
     parts = []
     offset = 0
-    for size in segments:
-        parts.append(topk_positions(x[offset : offset + size], sparsifier.count(size)) + offset)
+    for size, k in zip(segments, ks, strict=True):
+        parts.append(topk_positions(x[offset : offset + size], k) + offset)
         offset += size
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 

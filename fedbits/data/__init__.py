@@ -3,7 +3,7 @@ partition across clients, tokenise with completion-only labels, and batch."""
 
 from fedbits.data.batching import collate, iterate_batches, left_pad
 from fedbits.data.builtin import generate_builtin_tasks
-from fedbits.data.examples import Example, load_examples
+from fedbits.data.examples import load_examples
 from fedbits.data.format import (
     Tokenized,
     render_prompt,
@@ -12,6 +12,7 @@ from fedbits.data.format import (
     tokenize_prompts,
 )
 from fedbits.data.partition import describe_partitions, partition, split_eval
+from fedbits.data.types import Example
 
 __all__ = [
     "Example",

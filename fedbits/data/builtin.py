@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from fedbits.data.examples import Example
+from fedbits.data.types import Example
 
 _WORDS = (
     "apple bread chair cloud dance eagle flame grape horse island jelly kite lemon "

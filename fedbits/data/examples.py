@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import random
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
-from tqdm.auto import tqdm
 
+from fedbits.data.builtin import generate_builtin_tasks
+from fedbits.data.types import Example
 from fedbits.errors import DataError
+from fedbits.progress import progress
+
+logger = logging.getLogger(__name__)
 
 SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 SCHEMAS = (
@@ -30,21 +34,6 @@ SCHEMAS = (
     "gsm8k (question, answer)",
 )
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One instruction example, whatever schema it came from.
-
-    ``task`` groups examples for partitioning and unseen-task evaluation; ``answer`` is
-    the exact string an exact-match metric compares against (None when the data has no
-    short answer, e.g. free-form Alpaca outputs).
-    """
-
-    prompt: str
-    completion: str
-    task: str
-    answer: str | None
 
 
 def load_examples(
@@ -86,9 +75,6 @@ def _load_source(source: str, *, seed: int, builtin_per_task: int) -> list[Examp
 
 
 def _load_builtin(name: str, seed: int, per_task: int) -> list[Example]:
-    # Imported here because builtin.py imports Example from this module.
-    from fedbits.data.builtin import generate_builtin_tasks
-
     if name != "tasks":
         raise DataError(f"unknown builtin data set {name!r} (available: builtin:tasks)")
     return generate_builtin_tasks(per_task, seed)
@@ -126,9 +112,11 @@ def _load_folder(path: Path) -> list[Example]:
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(SUFFIXES)}) in folder")
     examples: list[Example] = []
-    # disable=None: a bar on a terminal only; a folder of hundreds of task files takes a while
-    for file in tqdm(files, desc=f"loading {path.name}", unit="file", disable=None, leave=False):
-        examples.extend(_load_file(file, task=_task_name(file)))
+    # a folder of hundreds of task files takes a while
+    with progress(f"loading {path.name}", len(files), "files", logger=logger) as shown:
+        for file in files:
+            examples.extend(_load_file(file, task=_task_name(file)))
+            shown.update()
     return examples
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedbits.data.examples import Example
+from fedbits.data.types import Example
 
 IGNORE_INDEX = -100
 FALLBACK_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"

@@ -21,7 +21,8 @@ from flwr_datasets.partitioner import (
 )
 
 from fedbits.config import DataSection
-from fedbits.data.examples import Example, load_examples
+from fedbits.data.examples import load_examples
+from fedbits.data.types import Example
 from fedbits.errors import DataError
 
 PARTITION_COLUMNS = ("task", "answer")

@@ -7,20 +7,23 @@ expensive part, so it runs once and feeds both ROUGE-L and exact match.
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Sequence
 
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbits.config import EvalSection
-from fedbits.data.examples import Example
+from fedbits.data.types import Example
 from fedbits.data.format import Tokenized
 from fedbits.eval.generate import greedy_generate
 from fedbits.eval.loss import eval_loss
 from fedbits.eval.metrics import exact_match, rouge_l
+from fedbits.progress import progress
 
 __all__ = ["eval_loss", "evaluate", "exact_match", "greedy_generate", "rouge_l"]
+
+logger = logging.getLogger(__name__)
+
 
 def _batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
@@ -74,8 +77,7 @@ def evaluate(
     total = _batches(len(tokenized), section.batch_size) * use_loss
     total += _batches(len(to_generate), section.batch_size)
     results: dict[str, float] = {}
-    quiet = not sys.stderr.isatty()
-    with tqdm(total=total, desc="eval", unit="batch", leave=False, disable=quiet) as bar:
+    with progress("evaluating", total, "batches", logger=logger) as bar:
         if use_loss and tokenized:
             results.update(
                 eval_loss(model, tokenized, section.batch_size, tokenizer.pad_token_id, bar.update)

@@ -6,15 +6,15 @@ each direction goes through (none, or e.g. top-k + int8 + zstd). Both are functi
 the method passes in: ``prepare`` and a :data:`ChainPlan` — composition, not a class
 tower.
 
-Downlink body: layout fingerprint u64 | trainable values
-Uplink body:   num_samples u32 | train_loss f32 | fingerprint u64 | Δ values
-The values are one flat tensor in ``wire_dtype`` when the direction has no chain,
-else the chain's payload (``fedbits.compress``), which runs to the end of the body.
+Downlink body: trainable tensors
+Uplink body:   num_samples u32 | train_loss f32 | Δ tensors
+Tensors travel as :mod:`fedbits.compress.tensors` writes them: the layout
+fingerprint, then one flat tensor in ``wire_dtype`` when the direction has no chain,
+else the chain's payload, which runs to the end of the body.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, get_args
 
@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, ErrorFeedback, parse_chain
+from fedbits.compress.tensors import read_values, write_values
 from fedbits.errors import ClientError
 from fedbits.methods._updates import (
     DeltaUpdate,
@@ -42,7 +43,6 @@ from fedbits.server_opt import (
     make_server_optimizer,
 )
 from fedbits.wire import Direction, Layout, Reader, Writer, decode_message, encode_message
-from fedbits.wire.layout import check_fingerprint, read_tensors, write_tensors
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
 DownlinkBase = Literal["zero", "init"]
@@ -144,42 +144,9 @@ class _DenseHalf:
         self.model = prepare(ctx.build_model())
         self.params = trainable_tensors(self.model)
         self.layout = Layout.of(self.params)
-        self.segments = [p.numel() for p in self.params.values()]
         self.wire_dtype = _DTYPES[ctx.options.wire_dtype]
         self.chains = chains or chains_from_options(ctx.options)
         self.fill = DownlinkFill(ctx.options.downlink_base, self.params)
-
-    def _write_values(
-        self, w: Writer, tensors: Mapping[str, torch.Tensor], chain: Chain | None,
-        generator: torch.Generator, feedback: ErrorFeedback | None = None,
-    ) -> None:
-        if chain is None:
-            write_tensors(w, self.layout, tensors, self.wire_dtype)
-            return
-        flat = self.layout.flatten(tensors, torch.float32)
-        w.u64(self.layout.fingerprint)
-        if feedback is not None:
-            w.raw(feedback.encode(chain, flat, segments=self.segments, generator=generator))
-        else:
-            w.raw(chain.encode(flat, segments=self.segments, generator=generator))
-
-    def _read_values(
-        self, r: Reader, chain: Chain | None, field: str
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """The tensors, and for a sparse chain the flat indices that were sent."""
-        if chain is None:
-            return read_tensors(r, self.layout, self.wire_dtype, field), None
-        check_fingerprint(r.u64(f"{field}.fingerprint"), self.layout, field)
-        payload = r.raw(r.remaining, field)
-        if not chain.is_sparse:
-            flat = chain.decode(payload, numel=self.layout.numel, segments=self.segments, what=r.what)
-            return self.layout.unflatten(flat), None
-        indices, values = chain.decode_sparse(
-            payload, numel=self.layout.numel, segments=self.segments, what=r.what
-        )
-        flat = torch.zeros(self.layout.numel)
-        flat[indices] = values
-        return self.layout.unflatten(flat), indices
 
     def _open(self, payload: bytes, round_: int, direction: Direction, sender: str) -> Reader:
         body = decode_message(
@@ -203,7 +170,8 @@ class DenseServer(_DenseHalf):
         if self._sent is None or self._sent[0] != round_:
             w = Writer()
             gen = seeded_generator(self.ctx.cfg.run.seed, "downlink", round_)
-            self._write_values(w, self.fill.to_send(self.params), self.chains(round_, Direction.DOWN), gen)
+            write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
+                         chain=self.chains(round_, Direction.DOWN), generator=gen)
             self._sent = (round_, encode_message(self.name, round_, Direction.DOWN, w.getvalue()))
         return self._sent[1]
 
@@ -212,7 +180,8 @@ class DenseServer(_DenseHalf):
         r = self._open(payload, round_, Direction.UP, sender)
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
-        delta, _ = self._read_values(r, self.chains(round_, Direction.UP), "delta")
+        delta = read_values(r, self.layout, wire_dtype=self.wire_dtype,
+                            chain=self.chains(round_, Direction.UP), field="delta").tensors
         r.finish()
         check_change(sender, num_samples, delta)
         return DeltaUpdate(client, num_samples, train_loss, delta)
@@ -257,7 +226,10 @@ class DenseClient(_DenseHalf):
         if not data.items:
             raise ClientError(f"client {client} has no training data")
         r = self._open(downlink, round_, Direction.DOWN, f"downlink to client {client}")
-        received, sent_indices = self._read_values(r, self.chains(round_, Direction.DOWN), "weights")
+        received, sent_indices = read_values(
+            r, self.layout, wire_dtype=self.wire_dtype, chain=self.chains(round_, Direction.DOWN),
+            field="weights",
+        )
         r.finish()
         self.fill.receive(self.params, received)
         after_step = None
@@ -271,7 +243,8 @@ class DenseClient(_DenseHalf):
         if chain is not None and self.ctx.options.error_feedback:
             feedback = ErrorFeedback(store, f"{self.name}-residual", self.layout.numel)
         up_gen = seeded_generator(data.seed, "uplink")
-        self._write_values(w, change.delta, chain, up_gen, feedback)
+        write_values(w, self.layout, change.delta, wire_dtype=self.wire_dtype, chain=chain,
+                     generator=up_gen, feedback=feedback)
         return encode_message(self.name, round_, Direction.UP, w.getvalue())
 
     def _keep_only(self, indices: torch.Tensor) -> Callable[[], None]:

@@ -18,14 +18,14 @@ from torch import nn
 from fedbits.config import ClientsSection
 from fedbits.errors import ClientError
 from fedbits.methods.base import ClientData, ClientUpdate
+from fedbits.seeding import derive_seed
 from fedbits.train import local_train, make_optimizer
 
 
 def seeded_generator(*parts: int | str) -> torch.Generator:
-    """A torch generator seeded from ``parts`` as the runtime derives seeds, so both
-    halves, on any node, draw the same positions and orders."""
-    from fedbits.runtime.setup import derive_seed  # heavy: imported where used (fedbits.methods)
-
+    """A torch generator seeded from ``parts`` by :func:`~fedbits.seeding.derive_seed`,
+    as the runtime derives its seeds, so both halves, on any node, draw the same
+    positions and orders."""
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from fedbits.config import Config
-from fedbits.methods import MethodSpec, register
 from fedbits.methods._dense import DenseClient, DenseOptions, DenseServer
-from fedbits.methods.base import refuse_float16_adamw
+from fedbits.methods.base import MethodSpec, refuse_float16_adamw
+from fedbits.methods.registry import register
 
 
 class FedAvgOptions(DenseOptions):

@@ -54,7 +54,6 @@ from torch import nn
 from fedbits.compress import Chain, parse_chain
 from fedbits.config import Config
 from fedbits.errors import ClientError, WireError
-from fedbits.methods import MethodSpec, register
 from fedbits.methods._blocks import (
     BlockSchedule,
     Cohort,
@@ -81,8 +80,11 @@ from fedbits.methods.base import (
     ClientUpdate,
     MethodContext,
     MethodOptions,
+    MethodSpec,
     refuse_float16_adamw,
 )
+from fedbits.methods.registry import register
+from fedbits.seeding import derive_seed
 from fedbits.wire import Direction, Layout, Reader, Writer, encode_message
 from fedbits.wire.codec import tensor_bytes, tensor_from_bytes
 from fedbits.wire.layout import check_fingerprint
@@ -202,8 +204,6 @@ class FedCyBGDServer:
 
     def _sample(self, round_: int, client: int, block: int) -> list[int]:
         """The client's own block if updated, plus a random fraction p of the other updated ones."""
-        from fedbits.runtime.setup import derive_seed  # heavy: imported where used (fedbits.methods)
-
         others = [b for b, v in enumerate(self.version) if v > 0 and b != block]
         k = math.ceil(self.s.opts.download_fraction * len(others) - 1e-9)
         rng = random.Random(derive_seed(self.s.ctx.cfg.run.seed, "fedcybgd-download", round_, client))

@@ -14,8 +14,9 @@ from pydantic import Field
 from torch import nn
 
 from fedbits.errors import ConfigError
-from fedbits.methods import MethodSpec, register
 from fedbits.methods._dense import DenseClient, DenseOptions, DenseServer
+from fedbits.methods.base import MethodSpec
+from fedbits.methods.registry import register
 
 
 class FedITOptions(DenseOptions):

@@ -27,10 +27,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, parse_chain
-from fedbits.methods import MethodSpec, register
 from fedbits.methods._dense import ADAPTIVE_SERVER_LR, ChainPlan, DenseClient, DenseServer
-from fedbits.methods.base import MethodContext
+from fedbits.methods.base import MethodContext, MethodSpec
 from fedbits.methods.fedit import FedITOptions, add_lora
+from fedbits.methods.registry import register
 from fedbits.server_opt import ServerOptName
 from fedbits.wire import Direction
 
@@ -61,12 +61,13 @@ class FlascOptions(FedITOptions):
     @model_validator(mode="after")
     def _value_stages_only(self) -> "FlascOptions":
         for field in ("uplink", "downlink"):
-            for stage in getattr(self, field):
-                if stage.split(":")[0] in ("topk", "topk_tensor", "randk"):
-                    raise ValueError(
-                        f"method.{field}: {stage!r} — flasc chooses the positions itself "
-                        "(set density_up / density_down); list only value stages such as 'int8', 'zstd'"
-                    )
+            # the registry knows each stage's role, so a plugin sparsifier is caught too
+            if parse_chain(getattr(self, field), f"method.{field}").is_sparse:
+                raise ValueError(
+                    f"method.{field}: {getattr(self, field)!r} selects positions, but flasc "
+                    "chooses them itself (set density_up / density_down); list only value "
+                    "and byte stages such as 'int8', 'zstd'"
+                )
         return self
 
     def density(self, round_: int, direction: Direction) -> float:

@@ -41,7 +41,6 @@ from torch import nn
 from fedbits.compress import Chain, ErrorFeedback, parse_chain
 from fedbits.config import Config
 from fedbits.errors import ClientError
-from fedbits.methods import MethodSpec, register
 from fedbits.methods._blocks import (
     Cohort,
     Subset,
@@ -62,8 +61,11 @@ from fedbits.methods._updates import (
     train_change,
     weighted_change,
 )
-from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext, refuse_float16_adamw
+from fedbits.methods.base import (
+    ClientData, ClientStore, ClientUpdate, MethodContext, MethodSpec, refuse_float16_adamw,
+)
 from fedbits.methods.fedit import FedITOptions, add_lora
+from fedbits.methods.registry import register
 from fedbits.server_opt import apply_pseudo_gradient, make_server_optimizer
 from fedbits.wire import Direction, Layout, Writer, encode_message
 

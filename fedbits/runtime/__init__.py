@@ -11,17 +11,21 @@ data and method are built), and only then :func:`open_run_dir` replaces an old r
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from fedbits.config import Config
 from fedbits.errors import ConfigError, FedbitsError
+from fedbits.resolve import config_toml, resolved
 
 if TYPE_CHECKING:  # torch and the models load only when a run starts, not for `fedbits --help`
-    from fedbits.runtime.simulation import RoundLoop
+    from fedbits.runtime.loop import RoundLoop
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.toml"
 RUN_FILES = frozenset({
@@ -83,7 +87,7 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
     if resume:
         if not run_dir.is_dir():
             raise FedbitsError(f"cannot resume: {run_dir} does not exist")
-        diffs = _config_differences(_saved_config(run_dir), cfg.resolved())
+        diffs = _config_differences(_saved_config(run_dir), resolved(cfg))
         if diffs:
             raise ConfigError(
                 f"cannot resume {run_dir}: the config differs from the saved one "
@@ -123,7 +127,7 @@ def open_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
 
 def save_config(cfg: Config, run_dir: Path) -> None:
     """Write the resolved configuration (every default, method options included)."""
-    (run_dir / CONFIG_FILE).write_text(cfg.to_toml(), encoding="utf-8")
+    (run_dir / CONFIG_FILE).write_text(config_toml(cfg), encoding="utf-8")
 
 
 def execute(loop: RoundLoop, *, resume: bool = False) -> Path:
@@ -142,24 +146,22 @@ def execute(loop: RoundLoop, *, resume: bool = False) -> Path:
     from fedbits.report import write_report
 
     report = write_report(loop.run_dir)
-    loop.log(f"done: final model in {final}, report in {report}")
+    logger.info("done: final model in %s, report in %s", final, report)
     loop.raise_if_nothing_accepted()
     return loop.run_dir
 
 
-def run_experiment(
-    cfg: Config, *, resume: bool = False, overwrite: bool = False,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Run (or resume) ``cfg`` end to end; return the run directory."""
+def run_experiment(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run (or resume) ``cfg`` end to end; return the run directory. Progress goes to
+    the ``fedbits`` loggers (:mod:`fedbits.logs` shows it as the command line does)."""
     if cfg.runtime.kind == "flower":
         from fedbits.runtime.flower.launch import launch
 
-        return launch(cfg, resume=resume, overwrite=overwrite, log=log)
+        return launch(cfg, resume=resume, overwrite=overwrite)
     from fedbits.runtime.setup import prepare_run
     from fedbits.runtime.simulation import Simulation
 
     run_dir = check_run_dir(cfg, resume, overwrite)
-    loop = Simulation(prepare_run(cfg, log), run_dir, log)  # builds everything, writes nothing
+    loop = Simulation(prepare_run(cfg), run_dir)  # builds everything, writes nothing
     open_run_dir(cfg, resume, overwrite)
     return execute(loop, resume=resume)

@@ -7,26 +7,24 @@ and the same base weights for the same config and seed.
 from __future__ import annotations
 
 import copy
-import hashlib
+import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
 from fedbits.config import Config
-from fedbits.data.examples import Example, load_examples
+from fedbits.data.examples import load_examples
 from fedbits.data.format import Tokenized, tokenize_all
 from fedbits.data.partition import partition, split_eval
+from fedbits.data.types import Example
 from fedbits.errors import DataError
 from fedbits.methods import MethodContext, get_method
 from fedbits.models import load_model
+from fedbits.seeding import derive_seed
 
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from several parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,24 +68,23 @@ TRUNCATION_WARN = 0.1
 """Above this fraction of cut examples the run header warns (answers lose their end)."""
 
 
-def _truncation_notes(cfg: Config, tokenizer: Any, train: list[Example],
-                      eval_truncated: int, n_eval: int) -> list[str]:
+def _log_truncation(cfg: Config, tokenizer: Any, train: list[Example],
+                    eval_truncated: int, n_eval: int) -> None:
     """The header's truncation line, and a warning when ``max_length`` cuts many examples."""
     rng = random.Random(derive_seed(cfg.run.seed, "truncation"))
     sample = train if len(train) <= TRUNCATION_SAMPLE else rng.sample(train, TRUNCATION_SAMPLE)
     _, cut = tokenize_all(tokenizer, sample, cfg.clients.max_length)
     of = f"{len(sample)}" if len(sample) == len(train) else f"a sample of {len(sample)}"
-    notes = [f"max_length {cfg.clients.max_length} cuts {cut} of {of} training examples and "
-             f"{eval_truncated} of {n_eval} evaluated"]
+    logger.info(f"max_length {cfg.clients.max_length} cuts {cut} of {of} training examples "
+                f"and {eval_truncated} of {n_eval} evaluated")
     worst = max(cut / max(len(sample), 1), eval_truncated / max(n_eval, 1))
     if worst > TRUNCATION_WARN:
-        notes.append(f"warning: {worst:.0%} of examples are longer than clients.max_length="
-                     f"{cfg.clients.max_length} and are cut (prompt start, then answer end); "
-                     "raise clients.max_length if the model allows")
-    return notes
+        logger.warning(f"{worst:.0%} of examples are longer than clients.max_length="
+                       f"{cfg.clients.max_length} and are cut (prompt start, then answer end); "
+                       "raise clients.max_length if the model allows")
 
 
-def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunSetup:
+def prepare_run(cfg: Config) -> RunSetup:
     model, tokenizer = load_model(cfg.model, seed=cfg.run.seed)
     model.eval()
     examples = load_examples(
@@ -105,19 +102,18 @@ def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunSetup:
     if not any(sizes):
         raise DataError(f"data {cfg.data.source}: no training examples are left after holding "
                         f"out {len(held_out)} for evaluation")
-    log(
+    logger.info(
         f"model {cfg.model.name}: {n_params / 1e6:.1f}M parameters | data {cfg.data.source}: "
         f"{len(train)} train / {len(held_out)} held out ({len(eval_examples)} evaluated) | "
         f"{cfg.data.num_clients} clients ({cfg.data.partition}), sizes {min(sizes)}..{max(sizes)}, "
         f"{sizes.count(0)} empty"
     )
-    for note in _truncation_notes(cfg, tokenizer, train, truncated, len(eval_items)):
-        log(note)
+    _log_truncation(cfg, tokenizer, train, truncated, len(eval_items))
     if not eval_examples:
-        log(f"warning: no held-out examples ({len(examples)} examples in {cfg.data.source}): "
-            "no round is evaluated; add data or set data.eval_source")
+        logger.warning(f"no held-out examples ({len(examples)} examples in {cfg.data.source}): "
+                       "no round is evaluated; add data or set data.eval_source")
     eligible = len(sizes) - sizes.count(0)
     if eligible < cfg.clients_per_round():
-        log(f"warning: only {eligible} of {cfg.data.num_clients} clients hold data, so a round "
-            f"samples {eligible}, not {cfg.clients_per_round()}")
+        logger.warning(f"only {eligible} of {cfg.data.num_clients} clients hold data, so a "
+                       f"round samples {eligible}, not {cfg.clients_per_round()}")
     return RunSetup(cfg, tokenizer, model, clients, eval_examples, eval_items, truncated)

@@ -1,309 +1,42 @@
-"""The round loop every runtime shares, and the embedded simulator built on it.
+"""The embedded simulator: every sampled client trains in this process, one after
+another, and every message is still encoded to bytes and counted.
 
-One round: sample clients (seeded by run seed and round, so a resumed run samples
-the same), let the runtime's :meth:`RoundLoop.exchange` deliver each chosen client's
-downlink and bring back its uplink (in this process for the simulator, over Flower
-for real nodes), record every payload that crossed in the ledger, reject bad clients
-without stopping the round, aggregate, evaluate, append a metrics row, checkpoint,
-then let the runtime commit the clients' store writes. Sampling, ledger, rejection,
-metrics and checkpoints live here once, so both runtimes produce the same run
-directory.
+The round itself (sampling, ledger, rejection, metrics, checkpoints) is the shared
+:class:`~fedbits.runtime.loop.RoundLoop`; this runtime only carries the bytes.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import resource
-import sys
-import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
-from typing import Any, Callable
 
-from tqdm.auto import tqdm
-
-from fedbits.data.format import Tokenized
-from fedbits.errors import ConfigError, FedbitsError, NoUpdateAccepted
-from fedbits.eval import evaluate
-from fedbits.methods import ClientData, ClientUpdate, get_method
-from fedbits.report.fmt import format_bytes
-from fedbits.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, truncate_to
-from fedbits.runtime.setup import RunSetup, derive_seed
+from fedbits.methods import get_method
+from fedbits.progress import progress
+from fedbits.runtime.loop import Reply, RoundLoop, Settle, client_data, describe_error
+from fedbits.runtime.setup import RunSetup
 from fedbits.runtime.store import ClientStores
-from fedbits.wire import Ledger
 
-CHECKPOINT = "checkpoints/latest.pt"
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def sample_clients(setup: RunSetup, round_: int) -> list[int]:
-    eligible = setup.eligible_clients()
-    k = min(setup.cfg.clients_per_round(), len(eligible))
-    rng = random.Random(derive_seed(setup.cfg.run.seed, "sample", round_))
-    return sorted(rng.sample(eligible, k))
-
-
-def client_data(setup: RunSetup, items: list[Tokenized], round_: int, client: int) -> ClientData:
-    """A client's data for one round; the seed depends only on (run seed, round, client),
-    so every runtime trains on the same batches."""
-    return ClientData(items, setup.pad_id, derive_seed(setup.cfg.run.seed, round_, client))
-
-
-def describe_error(e: Exception) -> str:
-    """The reason recorded when a client is rejected: a fedbits error speaks for itself,
-    anything else (a bug, a crash in a library) is named by its type."""
-    return str(e) if isinstance(e, FedbitsError) else f"{type(e).__name__}: {e}"
-
-
-@dataclass
-class Reply:
-    """What came back from one client: its uplink, or why there is none."""
-
-    uplink: bytes | None = None
-    error: str = ""
-    stats: dict[str, float] = field(default_factory=dict)  # what the method measured
-    truncated: int = 0  # the client's training examples that max_length cut
-
-
-Settle = Callable[[int, "bytes | None", Reply], None]
-"""``settle(client, downlink, reply)``: book one client's round (downlink None: none sent)."""
-
-
-def _summary_line(row: dict[str, Any], rounds: int) -> str:
-    parts = [f"round {row['round']}/{rounds}"]
-    if row["round"] > 0:
-        n = max(len(row["clients"]), 1)
-        parts += [
-            f"clients {len(row['clients'])}"
-            + (f" ({len(row['rejected'])} rejected)" if row["rejected"] else ""),
-            f"up {format_bytes(row['bytes_up'])} ({format_bytes(row['bytes_up'] / n)}/client)",
-            f"down {format_bytes(row['bytes_down'])} ({format_bytes(row['bytes_down'] / n)}/client)",
-        ]
-        if row["train_loss"] is not None:
-            parts.append(f"train_loss {row['train_loss']:.4f}")
-    for key in ("eval_loss", "perplexity", "rougeL", "exact_match"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.4f}" if key == "eval_loss" else f"{key} {row[key]:.2f}")
-    parts.append(f"{row['seconds']:.1f}s")
-    return " | ".join(parts)
-
-
-class RoundLoop(ABC):
-    """A run's server side, whatever carries the bytes; runtimes implement :meth:`exchange`."""
-
-    def __init__(self, setup: RunSetup, run_dir: Path, log: Callable[[str], None] = print) -> None:
-        self.setup = setup
-        self.cfg = setup.cfg
-        self.run_dir = run_dir
-        self.log = log
-        self.server = get_method(self.cfg.method.name).server(setup.method_context())
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.ledger = Ledger(run_dir / "ledger.jsonl")
-        self.cum_bytes = 0
-        self.show_progress = sys.stderr.isatty()
-
-    # -- what a runtime provides ----------------------------------------------------
-    @abstractmethod
-    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
-        """Deliver each client's downlink (:meth:`encode_downlink`) and pass what came
-        back to ``settle``, once per client, in the order of ``clients``.
-
-        The simulator settles a client before it encodes the next one's downlink, so a
-        round holds one downlink at a time; a distributed runtime sends them all first.
-        """
-
-    def encode_downlink(self, round_: int, client: int) -> bytes | Reply:
-        """The client's downlink, or (a bad client never stops the round) why there is none."""
-        try:
-            return self.server.downlink(round_, client)
-        except Exception as e:
-            return Reply(error=describe_error(e))
-
-    def commit_clients(self, round_: int) -> None:
-        """Round ``round_`` is checkpointed: the clients' store writes of it may commit."""
-
-    def recover_clients(self, round_: int) -> None:
-        """Resuming after ``round_``: keep the store writes up to it, drop later ones."""
-
-    # -- resume -------------------------------------------------------------------
-    def resume(self) -> int:
-        """Restore the last checkpoint; return the next round to run (0 when the run was
-        stopped before round 0 was checkpointed: it starts again, dropping what it wrote)."""
-        if not (self.run_dir / CHECKPOINT).is_file():
-            truncate_to(self.metrics_path, 0)
-            truncate_to(self.ledger.path, 0)
-            self.recover_clients(-1)
-            self.log("no completed round to resume from: starting again at round 0")
-            return 0
-        ckpt = load_checkpoint(self.run_dir / CHECKPOINT)
-        if ckpt.round > self.cfg.run.rounds:
-            raise ConfigError(
-                f"cannot resume {self.run_dir} with run.rounds={self.cfg.run.rounds}: it has "
-                f"completed {ckpt.round} rounds already (run.rounds may only grow)"
-            )
-        self.server.load_state_dict(ckpt.server)
-        self.cum_bytes = ckpt.cum_bytes
-        truncate_to(self.metrics_path, ckpt.file_sizes["metrics.jsonl"])
-        truncate_to(self.ledger.path, ckpt.file_sizes["ledger.jsonl"])
-        self.recover_clients(ckpt.round)
-        self.log(f"resumed after round {ckpt.round}")
-        return ckpt.round + 1
-
-    def _checkpoint(self, round_: int) -> None:
-        sizes = {
-            p.name: p.stat().st_size if p.exists() else 0
-            for p in (self.metrics_path, self.ledger.path)
-        }
-        save_checkpoint(
-            self.run_dir / CHECKPOINT,
-            Checkpoint(round_, self.server.state_dict(), sizes, self.cum_bytes),
-        )
-        self.commit_clients(round_)
-
-    # -- one round ----------------------------------------------------------------
-    def _reject(self, round_: int, client: int, reason: str, rejected: dict[str, str]) -> None:
-        rejected[str(client)] = reason
-        self.log(f"round {round_}: client {client} rejected: {reason}")
-
-    def run_round(self, round_: int) -> dict[str, Any]:
-        start = time.perf_counter()
-        chosen = sample_clients(self.setup, round_)
-        updates: list[ClientUpdate] = []
-        rejected: dict[str, str] = {}
-        client_stats: dict[str, dict[str, float]] = {}
-        truncated = 0
-
-        def settle(client: int, downlink: bytes | None, reply: Reply) -> None:
-            nonlocal truncated
-            truncated += reply.truncated
-            if downlink is not None:
-                self.ledger.record(round_, client, "down", downlink)
-            if reply.uplink is None:
-                self._reject(round_, client, reply.error, rejected)
-                return
-            self.ledger.record(round_, client, "up", reply.uplink)
-            client_stats[str(client)] = reply.stats
-            try:
-                updates.append(self.server.decode_uplink(round_, client, reply.uplink))
-            except Exception as e:  # a bad client never stops the round
-                self._reject(round_, client, describe_error(e), rejected)
-
-        self.exchange(round_, chosen, settle)
-        if updates:
-            self.server.aggregate(round_, updates)
-        else:
-            self.log(f"round {round_}: no valid update; the global model is unchanged")
-        book = self.ledger.rounds.pop(round_, None)
-        up = dict(book.up) if book else {}
-        down = dict(book.down) if book else {}
-        self.cum_bytes += sum(up.values()) + sum(down.values())
-        total_samples = sum(u.num_samples for u in updates)
-        return {
-            "round": round_,
-            "clients": chosen,
-            "rejected": rejected,
-            "bytes_up": sum(up.values()),
-            "bytes_down": sum(down.values()),
-            "bytes_up_per_client": {str(c): n for c, n in up.items()},
-            "bytes_down_per_client": {str(c): n for c, n in down.items()},
-            "cum_bytes": self.cum_bytes,
-            "train_loss": (
-                sum(u.train_loss * u.num_samples for u in updates) / total_samples
-                if updates else None
-            ),
-            "truncated": truncated,
-            "train_seconds": time.perf_counter() - start,
-            # what a method measures inside its halves (e.g. FedKSeed's replay time)
-            "client_stats": client_stats,
-            **dict(getattr(self.server, "last_stats", {}) if updates else {}),
-        }
-
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(
-            self.server.global_model(),
-            self.setup.tokenizer,
-            self.setup.eval_examples,
-            self.setup.eval_items,
-            self.cfg.eval,
-            self.cfg.clients.max_length,
-        )
-
-    def _write_row(self, row: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.log(_summary_line(row, self.cfg.run.rounds))
-
-    # -- the loop -----------------------------------------------------------------
-    def run(self, first_round: int = 0) -> None:
-        """Run rounds ``first_round`` to ``run.rounds``; round 0 evaluates the initial model."""
-        rounds = self.cfg.run.rounds
-        if first_round == 0:
-            start = time.perf_counter()
-            row = {"round": 0, "clients": [], "rejected": {}, "bytes_up": 0, "bytes_down": 0,
-                   "bytes_up_per_client": {}, "bytes_down_per_client": {}, "cum_bytes": 0,
-                   "train_loss": None, "eval_truncated": self.setup.eval_truncated,
-                   **self.evaluate()}
-            row.update(seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
-            self._write_row(row)
-            self._checkpoint(0)
-            first_round = 1
-        for round_ in tqdm(range(first_round, rounds + 1), desc="rounds", unit="round",
-                           initial=first_round - 1, total=rounds,
-                           disable=not self.show_progress):
-            start = time.perf_counter()
-            row = self.run_round(round_)
-            if round_ % self.cfg.eval.every == 0 or round_ == rounds:
-                row.update(self.evaluate())
-            row.update(seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
-            self._write_row(row)
-            self._checkpoint(round_)
-
-    def raise_if_nothing_accepted(self) -> None:
-        """Fail a run that trained rounds but never accepted a client update, naming why
-        the updates were rejected (the model it saved is the initial one)."""
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-        trained = [r for r in rows if r["round"] > 0]
-        if not trained or any(len(r["clients"]) > len(r["rejected"]) for r in trained):
-            return
-        reasons: dict[str, int] = {}
-        for row in trained:
-            for reason in row["rejected"].values():
-                reasons[reason] = reasons.get(reason, 0) + 1
-        listed = "; ".join(f"{reason} (x{n})" for reason, n in
-                           sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
-        raise NoUpdateAccepted(
-            f"no client update was accepted in {len(trained)} round"
-            f"{'s' if len(trained) > 1 else ''}, so the model is "
-            f"untrained; rejections: {listed or 'no client answered'} (see report.md)"
-        )
+logger = logging.getLogger(__name__)
 
 
 class Simulation(RoundLoop):
     """Every client in this process, one after another; every message still bytes."""
 
-    def __init__(self, setup: RunSetup, run_dir: Path, log: Callable[[str], None] = print) -> None:
-        super().__init__(setup, run_dir, log)
+    def __init__(self, setup: RunSetup, run_dir: Path) -> None:
+        super().__init__(setup, run_dir)
         self.client = get_method(self.cfg.method.name).client(setup.method_context())
         self.stores = ClientStores(run_dir / "client_store")
 
     def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
-        with tqdm(
-            total=len(clients), desc=f"round {round_}", unit="client",
-            disable=not self.show_progress, leave=False,
-        ) as progress:
+        # a round of many clients on a large model takes a long time between summaries
+        with progress(f"round {round_}", len(clients), "clients", logger=logger) as shown:
             for client in clients:
                 down = self.encode_downlink(round_, client)
                 if isinstance(down, Reply):
                     settle(client, None, down)
                 else:
                     settle(client, down, self._train(round_, client, down))
-                progress.update(1)
+                shown.update()
 
     def _train(self, round_: int, client: int, downlink: bytes) -> Reply:
         try:

@@ -12,7 +12,6 @@ import struct
 
 import numpy as np
 import torch
-import zstandard
 
 from fedbits.errors import WireError
 
@@ -107,7 +106,7 @@ class Writer:
 class Reader:
     """Reads what :class:`Writer` wrote; every read is bounds-checked."""
 
-    def __init__(self, data: bytes, what: str = "payload") -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, what: str = "payload") -> None:
         self._view = memoryview(data)
         self._pos = 0
         self._what = what
@@ -186,24 +185,3 @@ class Reader:
         if self.remaining:
             raise WireError(f"{self._what}: {self.remaining} unexpected trailing bytes")
 
-
-def zstd_decompress_bounded(data: bytes | memoryview, bound: int, what: str, field: str) -> bytes:
-    """One zstd frame declaring a content size of at most ``bound``, nothing after it.
-
-    The declared size is checked before anything is allocated, so a hostile frame
-    cannot make the receiver inflate gigabytes (a zip bomb)."""
-    try:
-        size = zstandard.frame_content_size(data)
-        if not 0 <= size <= bound:
-            raise WireError(
-                f"{what}: field {field}: declared size {size} is unknown or exceeds {bound} bytes"
-            )
-        stream = zstandard.ZstdDecompressor().decompressobj()
-        body = stream.decompress(data)  # libzstd refuses output beyond the declared size
-    except zstandard.ZstdError as e:
-        raise WireError(f"{what}: field {field}: {e}") from None
-    if not stream.eof or len(body) != size:
-        raise WireError(f"{what}: field {field}: incomplete frame ({len(body)} of {size} bytes)")
-    if stream.unused_data:
-        raise WireError(f"{what}: field {field}: {len(stream.unused_data)} bytes after the frame")
-    return body

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import subprocess
 import sys
 import tempfile
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from fedbits.models import cache_dir
+from fedbits.paths import native_kernel_dir
+
+logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_kernel.c")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
@@ -85,19 +87,15 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (torch fallback) when disabled or not buildable."""
     if os.environ.get("FEDBITS_ZO_NATIVE", "1") == "0" or sys.byteorder != "little":
         return None
-    target = cache_dir() / "zo" / f"kernel-{_machine_tag()}.so"
+    target = native_kernel_dir() / f"kernel-{_machine_tag()}.so"
     try:
         if not target.is_file():
             _build(target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(
-            f"fedbits: could not build the zeroth-order kernels ({detail.strip()[:300]}); "
-            "using the slower torch implementation",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        logger.warning("could not build the zeroth-order kernels (%s); using the slower "
+                       "torch implementation", detail.strip()[:300])
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)

@@ -17,12 +17,17 @@ handles all changed seeds at once (each block of U is read and written once).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
 
+from fedbits.progress import progress
 from fedbits.zo import kernels
 from fedbits.zo.generator import TABLE_SCALE, Distribution, param_key
+
+logger = logging.getLogger(__name__)
 
 FIXED_BITS = 16
 
@@ -63,8 +68,12 @@ class Replay:
         if len(changed):
             coefs = target_fix[changed] - self.fix[changed]
             ends = kernels.exact_groups(coefs, self.distribution)
-            for name, acc in self.acc.items():
-                kernels.replay_(self.keys(name)[changed], coefs, ends, 0, acc, self.distribution)
+            # a whole pool on a large model (a resumed server, a client far behind) is long
+            with progress(f"replaying {len(changed)} seeds", len(self.acc), "tensors",
+                          logger=logger) as shown:
+                for name, acc in self.acc.items():
+                    kernels.replay_(self.keys(name)[changed], coefs, ends, 0, acc, self.distribution)
+                    shown.update()
             self.fix = target_fix.copy()
         return len(changed)
 

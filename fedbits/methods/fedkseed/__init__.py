@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedbits.methods import MethodSpec, register
-from fedbits.methods.base import MethodContext
+from fedbits.methods.base import MethodContext, MethodSpec
 from fedbits.methods.fedkseed.options import FedKSeedOptions, FedKSeedProOptions
+from fedbits.methods.registry import register
 
 if TYPE_CHECKING:
     from fedbits.methods.fedkseed.client import FedKSeedClient

@@ -20,7 +20,7 @@ from fedbits.data.batching import iterate_batches
 from fedbits.errors import ClientError
 from fedbits.methods.base import ClientData, ClientStore, MethodContext
 from fedbits.methods.fedkseed import protocol
-from fedbits.runtime.setup import derive_seed
+from fedbits.seeding import derive_seed
 from fedbits.wire import Direction, Reader, decode_message, encode_message
 from fedbits.zo.replay import Replay, SeedKeys, to_fixed
 from fedbits.zo.step import ZeroOrderTrainer

@@ -25,7 +25,7 @@ from torch import nn
 from fedbits.errors import WireError
 from fedbits.methods.base import ClientUpdate
 from fedbits.methods.fedkseed.wire import EntryFormat, decode_entries, encode_entries
-from fedbits.runtime.setup import derive_seed
+from fedbits.seeding import derive_seed
 from fedbits.wire import Reader, Writer
 
 STEPS, TOUCHED = 0, 1

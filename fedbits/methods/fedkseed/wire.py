@@ -12,6 +12,14 @@ encodes such a set in one of two layouts:
   scalar dtype, optionally zstd; the encoder picks whichever representation is
   smallest for this particular message.
 
+Scalars and compression come from the codec layer (:mod:`fedbits.compress`) where it
+has the format: float32 and bfloat16 codes are its ``fp32`` and ``bf16`` value
+stages' element coding, and zstd is its ``zstd`` stage's compression and bounded
+decompression. float16 and int8 are FedKSeed's own: one power-of-two exponent or one
+float32 scale for the whole message, computed in float64, so that a pool scalar
+anywhere from 2^-152 to 2^142 travels (the chain's ``fp16`` and ``int8`` stages
+quantise float32 vectors blockwise).
+
 A section starts with one tag byte: the representation in the low bits
 (:data:`_LIST`, :data:`_DENSE`, :data:`_BITMASK`) and :data:`_ZSTD` in the high bit
 when the representation follows as a zstd-compressed blob. Byte sizes, with n
@@ -42,11 +50,12 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
-import zstandard
+import torch
 
+from fedbits.compress.stages.floats import FloatValues
+from fedbits.compress.stages.zstd import Zstd, decompress_bounded
 from fedbits.errors import WireError
 from fedbits.wire import Reader, Writer
-from fedbits.wire.codec import zstd_decompress_bounded
 
 ScalarDtype = Literal["float32", "float16", "bfloat16", "int8"]
 Layout = Literal["compact", "reference"]
@@ -54,15 +63,17 @@ Layout = Literal["compact", "reference"]
 _LIST, _DENSE, _BITMASK = 0, 1, 2
 _ZSTD = 0x80
 _REP_NAMES = {_LIST: "list", _DENSE: "dense", _BITMASK: "bitmask"}
-_ZSTD_LEVEL = 19
+_ZSTD_STAGE = Zstd(level=19)
 _MAX_POOL = 1 << 32  # indices travel as u32 in the reference layout
 _MAX_COUNT = (1 << 32) - 1  # LIST counts travel as u32
 
+# The codec layer's value stages for the scalar dtypes it has.
+_SHARED = {"float32": FloatValues("fp32"), "bfloat16": FloatValues("bf16")}
 # Little-endian code dtype and values-header bytes of each scalar dtype.
 _CODE_DTYPES: dict[str, tuple[np.dtype, int]] = {
-    "float32": (np.dtype("<f4"), 0),
+    "float32": (_SHARED["float32"].code_dtype, 0),
     "float16": (np.dtype("<f2"), 1),  # int8 power-of-two exponent
-    "bfloat16": (np.dtype("<u2"), 0),  # the upper half of a float32 bit pattern
+    "bfloat16": (_SHARED["bfloat16"].code_dtype, 0),
     "int8": (np.dtype("i1"), 4),  # float32 scale
 }
 # float16 codes are scaled into [2^14, 2^15): the top binade below 65504, no overflow.
@@ -161,15 +172,9 @@ def _encode_values(values: np.ndarray, scalar: ScalarDtype) -> _Coded:
         return _Coded(scale.astype("<f4").tobytes(), scale, codes)
     with np.errstate(over="ignore"):
         f32 = values.astype(np.float32)
-    if scalar == "float32":
-        codes = f32.astype(code_dtype)
-    else:  # bfloat16: round to nearest even on the float32 bit pattern
-        bits = f32.view(np.uint32)
-        codes = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(code_dtype)
-    coded = _Coded(b"", None, codes)
-    if not np.isfinite(_dequantise(coded, scalar)).all():
-        raise ValueError(f"entry values up to {peak:g} overflow {scalar}")
-    return coded
+    if not np.isfinite(f32).all():
+        raise ValueError(f"entry values up to {peak:g} overflow float32")
+    return _Coded(b"", None, _SHARED[scalar].codes(torch.from_numpy(f32)))
 
 
 def _dequantise(coded: _Coded, scalar: ScalarDtype) -> np.ndarray:
@@ -180,9 +185,7 @@ def _dequantise(coded: _Coded, scalar: ScalarDtype) -> np.ndarray:
         return np.ldexp(codes.astype(np.float64), coded.param)
     if scalar == "int8":
         return np.float64(coded.param) * codes.astype(np.float64)
-    if scalar == "bfloat16":
-        return (codes.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return codes.astype(np.float64)
+    return _SHARED[scalar].values(codes).numpy().astype(np.float64)
 
 
 def _read_values(
@@ -324,8 +327,7 @@ def encode_entries(
 
     candidates = [(rep, bodies[rep]) for rep in _representations(fmt) if rep in bodies]
     if _compressed(fmt):
-        compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-        packed = [(rep | _ZSTD, compressor.compress(body)) for rep, body in candidates]
+        packed = [(rep | _ZSTD, _ZSTD_STAGE.compress(body)) for rep, body in candidates]
         candidates += [(tag, len(data).to_bytes(4, "little") + data) for tag, data in packed]
     tag, payload = min(candidates, key=lambda c: len(c[1]))  # ties: first, i.e. plainest
     w.u8(tag).raw(payload)
@@ -413,7 +415,7 @@ def decode_entries(
             return _read_rep(r, rep, pool_size, fmt, what, max_count)
         bound = _body_bound(rep, pool_size, fmt, max_count)
         blob = r.blob("entries.zstd")
-        body = Reader(zstd_decompress_bounded(blob, bound, what, "entries.zstd"), what)
+        body = Reader(decompress_bounded(blob, bound, what, "entries.zstd"), what)
         out = _read_rep(body, rep, pool_size, fmt, what, max_count)
         if body.remaining:
             raise WireError(

@@ -27,6 +27,7 @@ import tomli_w
 from fedbits import __version__
 from fedbits.config import Config
 from fedbits.errors import ConfigError, FedbitsError
+from fedbits.resolve import config_toml
 from fedbits.runtime.flower.protocol import CONFIG_KEY, OVERWRITE_KEY, RESUME_KEY
 
 APP_NAME = "fedbits-app"  # also the directory name: Flower requires them to be valid names
@@ -72,7 +73,7 @@ def write_app(cfg: Config, directory: Path, *, resume: bool = False,
                 "serverapp": "fedbits.runtime.flower.server_app:app",
                 "clientapp": "fedbits.runtime.flower.client_app:app",
             },
-            "config": {CONFIG_KEY: cfg.to_toml(), RESUME_KEY: resume, OVERWRITE_KEY: overwrite},
+            "config": {CONFIG_KEY: config_toml(cfg), RESUME_KEY: resume, OVERWRITE_KEY: overwrite},
         }}},
     }
     (directory / "pyproject.toml").write_text(tomli_w.dumps(pyproject))

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import functools
 import ipaddress
+import logging
 import sys
 from pathlib import Path
 
 from fedbits.errors import FedbitsError
+
+logger = logging.getLogger(__name__)
 
 
 def _int_at_least(low: int, what: str, text: str) -> int:
@@ -88,10 +91,10 @@ def _superlink(args: argparse.Namespace) -> None:
     from fedbits.runtime.flower.processes import exec_superlink
 
     if not _is_loopback(args.host):
-        print(f"fedbits: warning: Flower's control API listens on {args.host}:{args.port} "
-              "with the Fleet API and has no user authentication: whoever reaches it can run "
-              "code on this machine and on every SuperNode (docs/flower.md, "
-              "\"Restricting the control port\")", file=sys.stderr, flush=True)
+        logger.warning(f"Flower's control API listens on {args.host}:{args.port} with the "
+                       "Fleet API and has no user authentication: whoever reaches it can run "
+                       "code on this machine and on every SuperNode (docs/flower.md, "
+                       "\"Restricting the control port\")")
     exec_superlink(Path(args.dir), args.host, args.port, Path(args.certs) if args.certs else None,
                    args.insecure, args.enable_supernode_auth)
 
@@ -130,7 +133,7 @@ def _connect(args: argparse.Namespace) -> None:
 
 
 def _app(args: argparse.Namespace) -> None:
-    from fedbits.config import load_config
+    from fedbits.resolve import load_config
     from fedbits.runtime.flower.app import write_app
 
     cfg = load_config(args.config, args.set)

@@ -17,6 +17,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedbits.errors import FedbitsError
+from fedbits.logs import configure
 from fedbits.runtime.flower import worker
 from fedbits.runtime.flower.protocol import (
     CONFIG_KEY,
@@ -44,6 +45,7 @@ def _serve(op: str, msg: Message, context: Context) -> Message:
         else:
             from fedbits.runtime.flower.node import NodeHost
 
+            configure()  # the node's progress lines, in this process's (the SuperNode's) log
             reply = NodeHost(root).handle(op, config_text, partition, request)
     except FedbitsError as e:
         reply = NodeReply(error=str(e), partition=partition)

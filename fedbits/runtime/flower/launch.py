@@ -18,16 +18,19 @@ The ServerApp writes the run directory on the SuperLink's machine, at the absolu
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedbits.config import Config
 from fedbits.errors import FedbitsError
 from fedbits.runtime.flower.app import resolve_connection, write_app
+
+logger = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -55,9 +58,10 @@ def _flwr(args: list[str]) -> dict[str, Any]:
 _STARTED = re.compile(r"Successfully started run (\d+)")
 
 
-def _stream(argv: list[str], log: Callable[[str], None]) -> tuple[int, int | None, list[str]]:
-    """Run a streaming ``flwr`` command, relaying its output to ``log``; return its exit
-    status, the run ID it announced (``flwr run``) and its last lines."""
+def _stream(argv: list[str]) -> tuple[int, int | None, list[str]]:
+    """Run a streaming ``flwr`` command, relaying each line of its output as an INFO
+    record (the ServerApp's progress is in it); return its exit status, the run ID it
+    announced (``flwr run``) and its last lines."""
     run_id: int | None = None
     tail: list[str] = []
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -71,7 +75,7 @@ def _stream(argv: list[str], log: Callable[[str], None]) -> tuple[int, int | Non
                 if run_id is None and (m := _STARTED.search(line)):
                     run_id = int(m.group(1))
                 tail = (tail + [line])[-20:]
-                log(line)
+                logger.info(line)
         except KeyboardInterrupt:
             proc.terminate()
             where = f"run {run_id}" if run_id is not None else "the run"
@@ -83,8 +87,7 @@ def _stream(argv: list[str], log: Callable[[str], None]) -> tuple[int, int | Non
     return proc.returncode, run_id, tail
 
 
-def launch(cfg: Config, *, resume: bool, overwrite: bool,
-           log: Callable[[str], None] = print) -> Path:
+def launch(cfg: Config, *, resume: bool, overwrite: bool) -> Path:
     """Submit ``cfg`` to its SuperLink, stream the run's log, collect; return the run dir."""
     superlink = resolve_connection(cfg.runtime.superlink)
     cfg = cfg.model_copy(deep=True)
@@ -92,22 +95,20 @@ def launch(cfg: Config, *, resume: bool, overwrite: bool,
     with tempfile.TemporaryDirectory() as tmp:
         app = write_app(cfg, Path(tmp), resume=resume, overwrite=overwrite)
         argv = [flower_tool("flwr"), "run", str(app), superlink, "--stream"]
-        status, run_id, tail = _stream(argv, log)
+        status, run_id, tail = _stream(argv)
     if status != 0 or run_id is None:
         raise FedbitsError(f"`flwr run` could not start the run on SuperLink "
                            f"{superlink!r}:\n" + "\n".join(tail))
-    return collect(run_id, cfg.run_dir, superlink, log)
+    return collect(run_id, cfg.run_dir, superlink)
 
 
-def follow(run_id: int, run_dir: Path, superlink: str | None,
-           log: Callable[[str], None] = print) -> Path:
+def follow(run_id: int, run_dir: Path, superlink: str | None) -> Path:
     """Stream a submitted run's log until it ends, then :func:`collect`."""
     superlink = resolve_connection(superlink)
-    status, _, tail = _stream([flower_tool("flwr"), "log", str(run_id), superlink, "--stream"],
-                              log)
+    status, _, tail = _stream([flower_tool("flwr"), "log", str(run_id), superlink, "--stream"])
     if status != 0:
         raise FedbitsError(f"`flwr log {run_id}` failed:\n" + "\n".join(tail))
-    return collect(run_id, run_dir, superlink, log)
+    return collect(run_id, run_dir, superlink)
 
 
 def payload_bytes(run_dir: Path) -> int:
@@ -116,8 +117,7 @@ def payload_bytes(run_dir: Path) -> int:
     return sum(json.loads(line)["bytes"] for line in path.read_text().splitlines() if line.strip())
 
 
-def collect(run_id: int, run_dir: Path, superlink: str | None,
-            log: Callable[[str], None] = print) -> Path:
+def collect(run_id: int, run_dir: Path, superlink: str | None) -> Path:
     """Record the Flower run's status and traffic in ``flower.json``; fail if it failed.
 
     ``flower.json`` lists every Flower run the fedbits run took (a resumed run takes
@@ -135,8 +135,9 @@ def collect(run_id: int, run_dir: Path, superlink: str | None,
             f"its log: flwr log {run_id} {superlink or ''} --show".rstrip()
         )
     if not (run_dir / "ledger.jsonl").is_file():
-        log(f"the ServerApp wrote {run_dir} on the SuperLink's machine: copy it here, then "
-            f"`fedbits flower follow {run_id} --run-dir {run_dir}` records Flower's traffic")
+        logger.info(f"the ServerApp wrote {run_dir} on the SuperLink's machine: copy it here, "
+                    f"then `fedbits flower follow {run_id} --run-dir {run_dir}` records "
+                    "Flower's traffic")
         return run_dir
     path = run_dir / "flower.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
@@ -159,6 +160,6 @@ def collect(run_id: int, run_dir: Path, superlink: str | None,
         flower_overhead_bytes=total - payload,
     )
     path.write_text(json.dumps(record, indent=2) + "\n")
-    log(f"Flower moved {total:,} B for this run; fedbits payloads {payload:,} B; "
-        f"framing and control {total - payload:,} B")
+    logger.info(f"Flower moved {total:,} B for this run; fedbits payloads {payload:,} B; "
+                f"framing and control {total - payload:,} B")
     return run_dir

@@ -15,18 +15,21 @@ and ``--resume`` the node sees exactly the state the resumed round expects.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedbits.config import Config
 from fedbits.errors import FedbitsError
 from fedbits.methods import get_method
 from fedbits.runtime.flower.protocol import NodeReply, Request, parse_config
+from fedbits.runtime.loop import client_data, describe_error
 from fedbits.runtime.setup import prepare_run
-from fedbits.runtime.simulation import client_data, describe_error
 from fedbits.runtime.store import ClientStores
+
+logger = logging.getLogger(__name__)
 
 
 def settle(stores: ClientStores, committed: int) -> None:
@@ -47,8 +50,7 @@ def settle(stores: ClientStores, committed: int) -> None:
 class NodeSession:
     """Everything one run needs on one node, built once from the run's config."""
 
-    def __init__(self, cfg: Config, text: str, store: str, partition: int, root: Path,
-                 log: Callable[[str], None]) -> None:
+    def __init__(self, cfg: Config, text: str, store: str, partition: int, root: Path) -> None:
         if partition >= cfg.data.num_clients:
             n = cfg.data.num_clients
             raise FedbitsError(f"node config partition-id={partition} is outside the run's "
@@ -58,7 +60,7 @@ class NodeSession:
         self.text = text  # the run config's TOML, compared to recognise the run cheaply
         self.partition = partition
         self.store = store
-        self.setup = prepare_run(cfg, log)
+        self.setup = prepare_run(cfg)
         self.items, self.truncated = self.setup.tokenize(self.setup.clients[partition])
         self.client = get_method(cfg.method.name).client(self.setup.method_context())
         self.stores = ClientStores(root / "runs" / store / "client_store")
@@ -85,9 +87,8 @@ class NodeSession:
 class NodeHost:
     """Serves one SuperNode's requests; keeps the latest run's session in memory."""
 
-    def __init__(self, root: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.log = log
         self.session: NodeSession | None = None
         self.sessions_built = 0
 
@@ -100,10 +101,10 @@ class NodeHost:
             return current, True
         cfg = parse_config(config_text, "the run config's fedbits-config")
         self.session = None  # free the previous run's model before loading the next
-        self.session = NodeSession(cfg, config_text, request.store, partition, self.root, self.log)
+        self.session = NodeSession(cfg, config_text, request.store, partition, self.root)
         self.sessions_built += 1
-        self.log(f"run {request.store}: partition {partition} ready in "
-                 f"{self.session.setup_seconds:.1f}s")
+        logger.info("run %s: partition %d ready in %.1fs", request.store, partition,
+                    self.session.setup_seconds)
         return self.session, False
 
     def handle(self, op: str, config_text: str, partition: int, request: Request) -> NodeReply:
@@ -112,7 +113,7 @@ class NodeHost:
         try:
             session, reused = self._session(config_text, request, partition)
             if op == "train":
-                self.log(f"round {request.round}: training partition {partition}")
+                logger.info("round %d: training partition %d", request.round, partition)
                 reply = session.train(request)
             else:
                 reply = NodeReply(partition=partition)

@@ -18,6 +18,7 @@ SuperNode started, by process group.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,12 +27,14 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from fedbits.errors import FedbitsError
 from fedbits.runtime.flower.certs import CertPaths
 from fedbits.runtime.flower.launch import flower_tool
 from fedbits.runtime.flower.protocol import DIR_KEY, PARTITION_KEY, WORKER_KEY
+
+logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
 MAX_RESTARTS_PER_MINUTE = 5
@@ -84,7 +87,7 @@ def exec_superlink(state_dir: Path, host: str, port: int, certs: Path | None, in
     """Replace this process with the SuperLink, so signals and the PID are its own."""
     argv = superlink_command(state_dir, host, port, certs, insecure, supernode_auth)
     state_dir.mkdir(parents=True, exist_ok=True)
-    print(f"fedbits: starting {' '.join(argv)}", flush=True)
+    logger.info("fedbits: starting %s", " ".join(argv))
     program = shutil.which(argv[0])
     if program is None:
         raise FedbitsError(f"{argv[0]} not found: install Flower (pip install 'flwr==1.41.*')")
@@ -106,7 +109,7 @@ class SuperNodeSupervisor:
 
     def __init__(self, *, superlink: str, partition: int, root: Path, runtime_port: int,
                  root_certificates: Path | None, insecure: bool, auth_key: Path | None,
-                 worker: bool, log: Callable[[str], None] = print) -> None:
+                 worker: bool) -> None:
         if insecure == (root_certificates is not None):
             raise FedbitsError("give the SuperLink's CA certificate (--root-certificates) or "
                                "--insecure, not both and not neither")
@@ -117,7 +120,6 @@ class SuperNodeSupervisor:
                 raise FedbitsError(f"{path} not found")
         self.root = root
         self.use_worker = worker
-        self.log = log
         root.mkdir(parents=True, exist_ok=True)
         self.env = _flower_env(root / "flwr-home")
         # the SuperNode's SuperExec looks for a new message to start a ClientApp for every
@@ -150,19 +152,19 @@ class SuperNodeSupervisor:
         try:
             while not self._stop:
                 if (code := supernode.poll()) is not None:
-                    self.log(f"fedbits: flower-supernode exited with status {code}")
+                    logger.warning("flower-supernode exited with status %d", code)
                     status = code or 1
                     break
                 if worker is not None and (code := worker.poll()) is not None:
                     now = time.monotonic()
                     if len(restarts) == restarts.maxlen and now - restarts[0] < 60:
-                        self.log(f"fedbits: the node worker died {len(restarts)} times within a "
-                                 "minute; giving up")
+                        logger.error("the node worker died %d times within a minute; giving up",
+                                     len(restarts))
                         status = 1
                         break
                     restarts.append(now)
-                    self.log(f"fedbits: the node worker (pid {worker.pid}) exited with status "
-                             f"{code}; restarting it")
+                    logger.warning("the node worker (pid %d) exited with status %d; restarting it",
+                                   worker.pid, code)
                     worker = self._start_worker()
                 time.sleep(0.2)
         finally:

@@ -31,8 +31,9 @@ from typing import Any
 
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from fedbits.config import Config, load_config
+from fedbits.config import Config
 from fedbits.errors import ConfigError, FedbitsError
+from fedbits.resolve import load_config
 
 RECORD = "fedbits"
 MAX_COUNT = 2**31 - 1

@@ -2,7 +2,7 @@
 
 ``main`` runs on the SuperLink's machine (Flower starts it for each ``flwr run``). It
 reads the fedbits config from the run config, prepares the run directory exactly as
-``fedbits run`` does, and drives :class:`~fedbits.runtime.simulation.RoundLoop`; only
+``fedbits run`` does, and drives :class:`~fedbits.runtime.loop.RoundLoop`; only
 :meth:`FlowerLoop.exchange` differs from the simulator: it sends each sampled
 client's downlink to the SuperNode that serves that data partition and waits for the
 replies. No Flower Strategy is involved; the method's server half aggregates.
@@ -17,15 +17,17 @@ uplink, and ``metrics.jsonl`` says why.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedbits.config import Config
 from fedbits.errors import FedbitsError
+from fedbits.logs import configure
 from fedbits.runtime import check_run_dir, execute, open_run_dir
 from fedbits.runtime.flower.processes import quiet_progress_bars
 from fedbits.runtime.flower.protocol import (
@@ -39,8 +41,10 @@ from fedbits.runtime.flower.protocol import (
     new_store_id,
     parse_config,
 )
+from fedbits.runtime.loop import Reply, RoundLoop, Settle
 from fedbits.runtime.setup import RunSetup, prepare_run
-from fedbits.runtime.simulation import Reply, RoundLoop, Settle
+
+logger = logging.getLogger(__name__)
 
 FLOWER_JSON = "flower.json"  # in the run directory: the store ID, later Flower's traffic
 POLL_S = 0.5  # how often the server asks the SuperLink for replies (SuperNodes poll every 3 s)
@@ -74,10 +78,9 @@ class NodeDirectory:
     ID before the old one times out).
     """
 
-    def __init__(self, grid: Grid, store: str, log: Callable[[str], None]) -> None:
+    def __init__(self, grid: Grid, store: str) -> None:
         self.grid = grid
         self.store = store
-        self.log = log
         self.nodes: dict[int, int] = {}  # partition -> node ID
         self.failed: dict[int, str] = {}  # partition -> why its node cannot serve
         self._asked: set[int] = set()
@@ -87,7 +90,7 @@ class NodeDirectory:
         online = set(self.grid.get_node_ids())
         for partition, node in list(self.nodes.items()):
             if node not in online:
-                self.log(f"SuperNode {node} (partition {partition}) went offline")
+                logger.info("SuperNode %d (partition %d) went offline", node, partition)
                 del self.nodes[partition]
         self._asked &= online
         new = sorted(online - self._asked)
@@ -104,16 +107,16 @@ class NodeDirectory:
                 why = f"SuperNode {node} cannot serve it: {reply.error}"
                 if reply.partition >= 0:
                     self.failed[reply.partition] = why
-                self.log(f"partition {reply.partition}: {why}")
+                logger.info("partition %d: %s", reply.partition, why)
                 continue
             old = self.nodes.get(reply.partition)
             if old is not None and old != node:
-                self.log(f"SuperNodes {old} and {node} both serve partition {reply.partition}; "
-                         f"using {node}")
+                logger.info("SuperNodes %d and %d both serve partition %d; using %d",
+                            old, node, reply.partition, node)
             self.nodes[reply.partition] = node
             self.failed.pop(reply.partition, None)
-            self.log(f"SuperNode {node} serves partition {reply.partition} "
-                     f"(ready in {reply.info.get('setup_seconds', 0):.1f}s)")
+            logger.info("SuperNode %d serves partition %d (ready in %.1fs)", node,
+                        reply.partition, reply.info.get("setup_seconds", 0))
 
     def wait_for(self, partitions: set[int], timeout: float) -> dict[int, int]:
         """Map ``partitions`` to nodes, waiting up to ``timeout`` s for missing ones."""
@@ -129,9 +132,9 @@ class NodeDirectory:
 class FlowerLoop(RoundLoop):
     """The shared round loop with Flower messages as the transport."""
 
-    def __init__(self, setup: RunSetup, run_dir: Path, log: Callable[[str], None],
-                 grid: Grid, directory: NodeDirectory) -> None:
-        super().__init__(setup, run_dir, log)
+    def __init__(self, setup: RunSetup, run_dir: Path, grid: Grid,
+                 directory: NodeDirectory) -> None:
+        super().__init__(setup, run_dir)
         self.grid = grid
         self.directory = directory
         self.committed = 0  # the last round whose checkpoint is written
@@ -223,9 +226,7 @@ def save_store_id(run_dir: Path, store: str) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the fedbits experiment the run config carries, to the end."""
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
+    configure()  # this process's standard output is the run's Flower log
     quiet_progress_bars()
     try:
         text = context.run_config.get(CONFIG_KEY)
@@ -236,15 +237,15 @@ def main(grid: Grid, context: Context) -> None:
         resume = bool(context.run_config.get(RESUME_KEY, False))
         overwrite = bool(context.run_config.get(OVERWRITE_KEY, False))
         run_dir = check_run_dir(cfg, resume, overwrite)
-        log(f"fedbits run directory: {run_dir.resolve()}")
+        logger.info("fedbits run directory: %s", run_dir.resolve())
         store = store_id(run_dir, cfg, resume)
-        directory = NodeDirectory(grid, store, log)
+        directory = NodeDirectory(grid, store)
         directory.poll()  # nodes load the model while this process does the same
-        loop = FlowerLoop(prepare_run(cfg, log), run_dir, log, grid, directory)
+        loop = FlowerLoop(prepare_run(cfg), run_dir, grid, directory)
         open_run_dir(cfg, resume, overwrite)
         if not resume:
             save_store_id(run_dir, store)
         execute(loop, resume=resume)
     except FedbitsError as e:
-        log(f"fedbits: error: {e}")
+        logger.error("%s", e)
         raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sys
@@ -30,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from fedbits.errors import FedbitsError
+from fedbits.logs import configure
 from fedbits.runtime.flower.protocol import NodeReply, Request
+
+# run with `python -m`, this module is __main__: its logger is still one of fedbits' own
+logger = logging.getLogger("fedbits.runtime.flower.worker")
 
 SOCKET = "worker.sock"
 KEY = "worker.key"
@@ -127,41 +132,41 @@ def serve(root: Path) -> None:
         os.unlink(address)
     listener = Listener(address, family="AF_UNIX", authkey=_key(root, create=True))
     (root / PID).write_text(f"{os.getpid()}\n")
-    log = lambda msg: print(f"[fedbits worker {os.getpid()}] {msg}", flush=True)  # noqa: E731
-    log(f"listening on {address}")
+    logger.info("listening on %s", address)
 
     from fedbits.runtime.flower.node import NodeHost  # torch: after the socket is up
     from fedbits.runtime.flower.processes import quiet_progress_bars
 
     quiet_progress_bars()
-    host = NodeHost(root, log)
+    host = NodeHost(root)
     while True:
         try:
             conn = listener.accept()
         except Exception as e:  # a failed handshake: someone without the key
-            log(f"refused a connection: {type(e).__name__}: {e}")
+            logger.warning("refused a connection: %s: %s", type(e).__name__, e)
             continue
         with conn:
             try:
                 header, blob = _recv(conn)
             except (EOFError, OSError, ValueError) as e:
-                log(f"dropped a malformed request: {type(e).__name__}")
+                logger.warning("dropped a malformed request: %s", type(e).__name__)
                 continue
             request = Request(header["store"], header["round"], header["client"],
                               header["committed"], blob)
             reply = host.handle(header["op"], header["config"], header["partition"], request)
             if reply.error:
-                log(f"{header['op']} failed: {reply.error}")
+                logger.info("%s failed: %s", header["op"], reply.error)
             try:
                 _send(conn, {"has_blob": reply.blob is not None, "error": reply.error,
                              "stats": reply.stats, "info": reply.info}, reply.blob or b"")
             except OSError as e:  # the ClientApp went away; the SuperNode reports it
-                log(f"could not deliver the reply: {type(e).__name__}")
+                logger.warning("could not deliver the reply: %s", type(e).__name__)
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m fedbits.runtime.flower.worker NODE_DIR")
+    configure(prefix=f"[fedbits worker {os.getpid()}] ")  # its output is the SuperNode's log
     try:
         serve(Path(sys.argv[1]))
     except FedbitsError as e:
