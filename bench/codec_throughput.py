@@ -16,8 +16,8 @@ zstd, CRC) and ``chain.decode(payload)`` back to a dense vector. Per chain:
   asks for huge pages) — on some machines ``x.clone()`` is several times slower.
 
 Chains run interleaved with the copies (copies, chain, copies, ...) so drift in
-machine load hits all alike; the 1-minute load average before and after is recorded. Not a test: numbers, not assertions. Writes
-``bench/results/codec_throughput.json``.
+machine load hits all alike; the 1-minute load average before and after is recorded.
+Not a test: numbers, not assertions. Writes ``bench/results/codec_throughput.json``.
 
     python bench/codec_throughput.py
     python bench/codec_throughput.py --numel 1000000 --repeats 3   # quicker look

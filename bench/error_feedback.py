@@ -47,7 +47,9 @@ def main() -> None:
     runs = {
         "dense": [],
         "topk": [f"method.uplink=['topk:{args.density}']"],
-        "topk + error feedback": [f"method.uplink=['topk:{args.density}']", "method.error_feedback=true"],
+        "topk + error feedback": [
+            f"method.uplink=['topk:{args.density}']", "method.error_feedback=true"
+        ],
     }
     out: dict = {"model": "tiny-llama", "method": "fedavg", "rounds": args.rounds,
                  "density": args.density, "runs": {}}
@@ -62,7 +64,7 @@ def main() -> None:
             rows = [json.loads(x) for x in (dirs[name] / "metrics.jsonl").read_text().splitlines()]
             out["runs"][name] = {"eval_loss": [r["eval_loss"] for r in rows],
                                  "bytes_up": sum(r["bytes_up"] for r in rows)}
-        setup = prepare_run(cfg, lambda m: None)
+        setup = prepare_run(cfg)
         base = {n: p for n, p in setup.build_model().state_dict().items()}
         start = torch.cat([base[k].float().flatten() for k in sorted(base)])
         dense_change = flat_weights(dirs["dense"]) - start

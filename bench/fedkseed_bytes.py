@@ -34,7 +34,10 @@ def per_client_round(run_dir: Path) -> list[dict]:
     for line in (run_dir / "ledger.jsonl").read_text().splitlines():
         row = json.loads(line)
         totals[(row["round"], row["client"])][row["direction"]] += row["bytes"]
-    return [{"round": r, "client": c, **v, "total": v["up"] + v["down"]} for (r, c), v in sorted(totals.items())]
+    return [
+        {"round": r, "client": c, **v, "total": v["up"] + v["down"]}
+        for (r, c), v in sorted(totals.items())
+    ]
 
 
 def main() -> None:
@@ -73,8 +76,11 @@ def main() -> None:
     out["targets"] = {"reference": 17984, "compact": 9000}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fedkseed_bytes.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "messages"} if isinstance(v, dict) else v)
-                      for k, v in out.items()}, indent=2))
+    shown = {
+        k: ({kk: vv for kk, vv in v.items() if kk != "messages"} if isinstance(v, dict) else v)
+        for k, v in out.items()
+    }
+    print(json.dumps(shown, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ client from ``t0/train`` and Rouge-L on ``t0/heldout``.
 
 Writes ``bench/results/flasc.json`` (or ``flasc_t0.json``).
 
-    python bench/flasc.py [--rounds 3] [--t0] [--only fedit 'flasc 1/16'] [--server-avg] [--tag NAME]
+    python bench/flasc.py [--rounds 3] [--t0] [--only fedit 'flasc 1/16'] [--server-avg]
+                          [--tag NAME]
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ LORA = ("lora_r", "lora_alpha", "target_modules")
 
 def runs() -> dict[str, dict]:
     """Method sections by run name (the example's LoRA settings in every one)."""
-    flasc = {"name": "flasc", "uplink": ["fp16", "zstd"], "downlink": ["fp16"], "error_feedback": True}
+    flasc = {
+        "name": "flasc", "uplink": ["fp16", "zstd"], "downlink": ["fp16"], "error_feedback": True
+    }
     out = {"fedit": {"name": "fedit"}}
     for label, density in (("1/4", 0.25), ("1/16", 0.0625), ("1/64", 0.015625)):
         out[f"flasc {label}"] = {**flasc, "density_up": density, "density_down": density}
     out["flasc 1/64 no error feedback"] = {**out["flasc 1/64"], "error_feedback": False}
-    for label in ("1/16", "1/64"):  # the downlink carries the change since the seeded initial adapter
+    # the downlink carries the change since the seeded initial adapter
+    for label in ("1/16", "1/64"):
         out[f"flasc {label} from init"] = {**out[f"flasc {label}"], "downlink_base": "init"}
     return out
 
@@ -56,7 +60,8 @@ def summarise(run_dir: Path) -> dict:
     up = down = 0
     for line in (run_dir / "ledger.jsonl").read_text().splitlines():
         m = json.loads(line)
-        per_client[(m["round"], m["client"])] = per_client.get((m["round"], m["client"]), 0) + m["bytes"]
+        key = (m["round"], m["client"])
+        per_client[key] = per_client.get(key, 0) + m["bytes"]
         up += m["bytes"] if m["direction"] == "up" else 0
         down += m["bytes"] if m["direction"] == "down" else 0
     n = len(per_client)
@@ -65,9 +70,13 @@ def summarise(run_dir: Path) -> dict:
         "bytes_per_client_round": sum(per_client.values()) / n,
         "up_per_client_round": up / n,
         "down_per_client_round": down / n,
-        "seconds_per_client": sum(r["train_seconds"] for r in trained) / sum(len(r["clients"]) for r in trained),
-        "eval": [{k: v for k, v in r.items() if k.startswith("eval_") or k in ("rougeL", "exact_match")}
-                 for r in rows],
+        "seconds_per_client": (
+            sum(r["train_seconds"] for r in trained) / sum(len(r["clients"]) for r in trained)
+        ),
+        "eval": [
+            {k: v for k, v in r.items() if k.startswith("eval_") or k in ("rougeL", "exact_match")}
+            for r in rows
+        ],
         "rejected": sum(len(r["rejected"]) for r in rows),
     }
 
@@ -83,7 +92,8 @@ def codec_seconds(numel: int, up: list[str], down: list[str]) -> float:
         start = time.perf_counter()
         down_chain.decode_sparse(down_payload, numel=numel, what="bench")
         payload = up_chain.encode(x, generator=gen)
-        up_chain.decode(payload, numel=numel, what="bench")  # error feedback decodes its own payload
+        # error feedback decodes its own payload
+        up_chain.decode(payload, numel=numel, what="bench")
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -94,9 +104,11 @@ def main() -> None:
     parser.add_argument("--t0", action="store_true", help="one T0 task per client, Rouge-L")
     parser.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke run")
     parser.add_argument("--server-avg", action="store_true",
-                        help="every run uses plain averaging (server lr 1) instead of the example's server")
+                        help="every run uses plain averaging (server lr 1) instead of the "
+                             "example's server")
     parser.add_argument("--only", nargs="+", metavar="RUN", choices=list(runs()),
-                        help="run only these (e.g. --only fedit 'flasc 1/16' for a longer comparison)")
+                        help="run only these (e.g. --only fedit 'flasc 1/16' for a longer "
+                             "comparison)")
     parser.add_argument("--tag", help="appended to the results file name, to keep earlier results")
     args = parser.parse_args()
     configure()  # each run's progress lines, as `fedbits run` shows them
@@ -105,7 +117,8 @@ def main() -> None:
     base = tomllib.loads((REPO / "examples" / "flasc.toml").read_text())
     base["run"]["rounds"] = args.rounds
     base["eval"]["every"] = args.rounds  # round 0 and the last: what the comparison needs
-    if not args.t0:  # exact match is 0.00 at round 0 and generation dominates a run: compare held-out loss
+    # exact match is 0.00 at round 0 and generation dominates a run: compare held-out loss
+    if not args.t0:
         base["eval"]["metrics"] = ["loss"]
     base["model"]["name"] = args.model
     if args.server_avg:
@@ -127,27 +140,31 @@ def main() -> None:
         for name, method in runs().items():
             if args.only and name not in args.only:
                 continue
-            raw = {**base, "run": {**base["run"], "out_dir": tmp, "name": name.replace(" ", "_").replace("/", "-")},
+            run_name = name.replace(" ", "_").replace("/", "-")
+            raw = {**base, "run": {**base["run"], "out_dir": tmp, "name": run_name},
                    "method": {**method, **{k: base["method"][k] for k in server}}}
             cfg = Config.model_validate(raw)
             validate_references(cfg)
             print(f"== {name}", flush=True)
             out["runs"][name] = summarise(run_experiment(cfg))
     dense = out["runs"]["fedit"]["bytes_per_client_round"]
-    for name, r in out["runs"].items():
+    for r in out["runs"].values():
         r["bytes_vs_fedit"] = dense / r["bytes_per_client_round"]
     # compression's share of a client's round, on a vector the size of the adapter
     numel = round((out["runs"]["fedit"]["up_per_client_round"] - 64) / 4)
     for label, density in (("1/16", 0.0625), ("1/64", 0.015625)):
         if f"flasc {label}" not in out["runs"]:
             continue
-        seconds = codec_seconds(numel, [f"topk:{density}", "fp16", "zstd"], [f"topk:{density}", "fp16"])
+        seconds = codec_seconds(
+            numel, [f"topk:{density}", "fp16", "zstd"], [f"topk:{density}", "fp16"]
+        )
         per_client = out["runs"][f"flasc {label}"]["seconds_per_client"]
         out["runs"][f"flasc {label}"]["codec_seconds"] = seconds
         out["runs"][f"flasc {label}"]["codec_share_of_client_round"] = seconds / per_client
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("_t0" if args.t0 else "") + ("" if args.model == "smollm2-135m" else f"_{args.model}")
-    suffix += ("" if args.rounds == 3 else f"_{args.rounds}rounds") + ("_avg" if args.server_avg else "")
+    suffix += "" if args.rounds == 3 else f"_{args.rounds}rounds"
+    suffix += "_avg" if args.server_avg else ""
     suffix += f"_{args.tag}" if args.tag else ""
     path = RESULTS / f"flasc{suffix}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -65,10 +65,12 @@ import fedbits.methods._dense, fedbits.methods.fedcybgd, fedbits.methods.partial
 from fedbits.methods import ClientData, get_method
 from fedbits.resolve import load_config
 from fedbits.runtime.checkpoint import load_checkpoint
+from fedbits.runtime.client import run_client
 from fedbits.runtime.loop import CHECKPOINT, sample_clients
 from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
 from fedbits.seeding import derive_seed
+from fedbits.wire import Direction, seal
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -88,7 +90,7 @@ from_checkpoint = sys.argv[1] == "checkpoint"
 cfg = load_config(sys.argv[2], sys.argv[3:])
 run_dir = cfg.run_dir
 run_dir.mkdir(parents=True, exist_ok=True)
-setup = prepare_run(cfg, lambda m: None)
+setup = prepare_run(cfg)
 ctx = setup.method_context()
 spec = get_method(cfg.method.name)
 server = spec.server(ctx)
@@ -100,7 +102,9 @@ if from_checkpoint:
     del ckpt
 client = sample_clients(setup, round_)[0]
 inbox = run_dir / "downlink.bin"  # the device receives it after the mark is reset
-inbox.write_bytes(server.downlink(round_, client))
+limit = setup.max_payload_bytes
+inbox.write_bytes(seal(cfg.method.name, round_, Direction.DOWN, server.downlink(round_, client),
+                       limit=limit, what="downlink"))  # sealed, as the runtime sends it
 del server
 gc.collect()
 items, _ = setup.tokenize(setup.clients[client])
@@ -112,7 +116,7 @@ with open("/proc/self/clear_refs", "w") as f:
 start = time.perf_counter()
 down = inbox.read_bytes()
 half = spec.client(ctx)
-up = half.update(round_, client, down, data, store)
+up = run_client(half, cfg.method.name, round_, client, down, data, store, limit).uplink
 total = time.perf_counter() - start
 print(json.dumps({
     "client_peak_mb": status("VmHWM") - before, "rss_before_mb": before,
@@ -139,7 +143,7 @@ from fedbits.train import local_train, make_optimizer
 
 reps = int(sys.argv[1])
 cfg = load_config(sys.argv[2], sys.argv[3:])  # partial's config: its block is the real one
-setup = prepare_run(cfg, lambda m: None)
+setup = prepare_run(cfg)
 model = setup.build_model()
 names = [n for n, _ in model.named_parameters()]
 layers = decoder_layers(names)
@@ -166,14 +170,19 @@ for _ in range(reps):
 print(json.dumps({
     "median_seconds": {k: statistics.median(v) for k, v in seconds.items()},
     "all_seconds": seconds, "reps": reps, "batch_shape": list(batch["input_ids"].shape),
-    "trainable_params": {k: sum(model.get_parameter(n).numel() for n in v) for k, v in trainable.items()},
+    "trainable_params": {
+        k: sum(model.get_parameter(n).numel() for n in v) for k, v in trainable.items()
+    },
 }))
 """
 
 
-def _child(code: str, config: Path, overrides: list[str], *first: str, env: dict | None = None) -> str:
+def _child(
+    code: str, config: Path, overrides: list[str], *first: str, env: dict | None = None
+) -> str:
     proc = subprocess.run([sys.executable, "-c", code, *first, str(config), *overrides],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return proc.stdout
@@ -207,7 +216,9 @@ def summarise(run_dir: Path) -> dict:
     return {
         "bytes_up_per_client_round": sum(r["bytes"] for r in book["up"]) / len(book["up"]),
         "bytes_down_per_client_round": sum(r["bytes"] for r in book["down"]) / len(book["down"]),
-        "bytes_down_per_client_by_round": {r: sum(v) / len(v) for r, v in sorted(per_round_down.items())},
+        "bytes_down_per_client_by_round": {
+            r: sum(v) / len(v) for r, v in sorted(per_round_down.items())
+        },
         "eval_loss_round_0": metrics[0]["eval_loss"],
         "eval_loss_final": metrics[-1]["eval_loss"],
         "rounds": metrics[-1]["round"],
@@ -217,7 +228,8 @@ def summarise(run_dir: Path) -> dict:
 
 def measure_client(config: Path, overrides: list[str], from_checkpoint: bool) -> dict:
     mode = "checkpoint" if from_checkpoint else "fresh"
-    return json.loads(_child(_CLIENT, config, overrides, mode, env=_EXACT_RSS).strip().splitlines()[-1])
+    stdout = _child(_CLIENT, config, overrides, mode, env=_EXACT_RSS)
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def cycle_downloads(config: Path, rounds: int, out: Path, layers: int) -> dict:
@@ -249,7 +261,8 @@ def run_methods(paths: dict[str, Path], out: Path, rounds: int) -> dict[str, dic
     """Phase ``runs``: each method's federated run."""
     results = {}
     for label, path in paths.items():
-        _child(_RUN, path, [f"run.rounds={rounds}", f"eval.every={rounds}", "eval.metrics=['loss']"])
+        _child(_RUN, path,
+               [f"run.rounds={rounds}", f"eval.every={rounds}", "eval.metrics=['loss']"])
         results[label] = summarise(out / label)
         print(label, json.dumps(results[label]), flush=True)
     return results
@@ -271,7 +284,8 @@ def summary(data: dict) -> dict:
     runs, full = data.get("results"), data.get("model", {}).get("full_model_float32_bytes")
     if runs:
         out["partial_uplink_fraction_of_fedavg"] = (
-            runs["partial"]["bytes_up_per_client_round"] / runs["fedavg"]["bytes_up_per_client_round"])
+            runs["partial"]["bytes_up_per_client_round"]
+            / runs["fedavg"]["bytes_up_per_client_round"])
         out["eval_loss_round_0_to_final"] = {
             k: [v["eval_loss_round_0"], v["eval_loss_final"]] for k, v in runs.items()}
     memory = data.get("memory")
@@ -283,8 +297,10 @@ def summary(data: dict) -> dict:
             "mean": cycle["down_bytes_per_client_after_first_cycle_mean"] / full,
             "max": cycle["down_bytes_per_client_after_first_cycle_max"] / full,
         }
-        out["client_peak_mb"] = {**out.get("client_peak_mb", {}),
-                                 "fedcybgd_after_first_cycle": cycle["client_after_cycle"]["client_peak_mb"]}
+        out["client_peak_mb"] = {
+            **out.get("client_peak_mb", {}),
+            "fedcybgd_after_first_cycle": cycle["client_after_cycle"]["client_peak_mb"],
+        }
     if "steps" in data:
         out["seconds_per_local_step"] = data["steps"]["median_seconds"]
     return out
@@ -311,7 +327,8 @@ def main() -> None:
         if "runs" in args.phases:
             data["results"] = run_methods(paths, out, args.rounds)
             data["settings"] = (
-                f"examples/partial.toml run/data/clients, {args.rounds} rounds, model {args.model}; "
+                f"examples/partial.toml run/data/clients, {args.rounds} rounds, "
+                f"model {args.model}; "
                 "partial: layer_fraction 0.25 top, uplink int8, server avg; fedcybgd: ascending, "
                 "change-only download, float32 uplink; fedavg: float32 both ways")
         if "memory" in args.phases:

@@ -31,8 +31,8 @@ import torch
 from fedbits.config import ModelSection
 from fedbits.models import load_model
 from fedbits.zo import kernels
-from fedbits.zo.replay import FIXED_BITS, Replay, SeedKeys, to_fixed
 from fedbits.zo.generator import TABLE_SCALE, direction
+from fedbits.zo.replay import FIXED_BITS, Replay, SeedKeys, to_fixed
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LR = 3e-7

@@ -60,8 +60,8 @@ print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_ma
 
 
 def measure(mode: str, model: str, steps: int, sync_seeds: int = 0) -> float:
-    code = _CHILD.format(bench=str(Path(__file__).resolve().parent), model=model, mode=mode, steps=steps,
-                         sync_seeds=sync_seeds)
+    code = _CHILD.format(bench=str(Path(__file__).resolve().parent), model=model, mode=mode,
+                         steps=steps, sync_seeds=sync_seeds)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -70,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--sync-seeds", type=int, default=200, help="pool seeds the client replays first")
+    parser.add_argument("--sync-seeds", type=int, default=200,
+                        help="pool seeds the client replays first")
     args = parser.parse_args()
     inference = measure("inference", args.model, args.steps)
     training = measure("zo_training", args.model, args.steps)
@@ -84,7 +85,8 @@ def main() -> None:
         "ratio": training / inference,
         "target": "ratio <= 1.3",
         "whole_client_round": {
-            "what": f"base weights kept, exact replay of {args.sync_seeds} pool seeds, then the same steps",
+            "what": f"base weights kept, exact replay of {args.sync_seeds} pool seeds, "
+                    "then the same steps",
             **{f"{mode}_peak_rss_mb": mb for mode, mb in clients.items()},
             **{f"{mode}_over_inference": mb / inference for mode, mb in clients.items()},
         },

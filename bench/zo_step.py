@@ -70,7 +70,8 @@ def main() -> None:
 
     def forward_loss_only() -> None:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  logits_to_keep=keep)
 
     times: dict[str, list[float]] = {"forward": [], "forward_loss_only": [], "zo_step": []}
     with trainer.attached():
@@ -80,7 +81,8 @@ def main() -> None:
             trainer.step(next(step), batch)
 
         for i in range(args.repeats + 2):  # two warm-up rounds
-            for name, fn in (("forward", forward), ("zo_step", zo_step), ("forward_loss_only", forward_loss_only)):
+            for name, fn in (("forward", forward), ("zo_step", zo_step),
+                             ("forward_loss_only", forward_loss_only)):
                 start = time.perf_counter()
                 fn()
                 if i >= 2:

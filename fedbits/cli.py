@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="load a model (caches the built-in one) and describe it")
     model.add_argument("name")
-    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    from fedbits.config import DTYPES
+
+    model.add_argument("--dtype", default="float32", choices=list(DTYPES))
     model.set_defaults(func=_cmd_model)
 
     methods = sub.add_parser("methods", help="list the registered methods")

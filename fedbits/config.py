@@ -17,10 +17,15 @@ from __future__ import annotations
 import ast
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
 
 from fedbits.errors import ConfigError
@@ -31,6 +36,12 @@ class _Section(BaseModel):
 
 
 MAX_SEED = 2**32 - 1  # numpy's and torch's generators take seeds in [0, 2**32)
+
+DType = Literal["float32", "bfloat16", "float16"]
+"""A floating-point dtype by name: ``model.dtype``, and the methods' wire and pool dtypes."""
+DTYPES: tuple[DType, ...] = get_args(DType)
+
+EvalMetric = Literal["loss", "rougeL", "exact_match"]
 
 
 class RunSection(_Section):
@@ -59,7 +70,7 @@ class RunSection(_Section):
 
 class ModelSection(_Section):
     name: str = "smollm2-135m"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DType = "float32"
     revision: str | None = None
 
 
@@ -95,7 +106,7 @@ class ClientsSection(_Section):
     max_length: int = Field(256, ge=8)
 
     @model_validator(mode="after")
-    def _one_of_per_round_fraction(self) -> "ClientsSection":
+    def _one_of_per_round_fraction(self) -> ClientsSection:
         if self.per_round is not None and self.fraction is not None:
             raise ValueError("set either clients.per_round or clients.fraction, not both")
         return self
@@ -111,11 +122,13 @@ class MethodSection(BaseModel):
         return dict(self.model_extra or {})
 
 
+def _default_metrics() -> list[EvalMetric]:
+    return ["loss", "exact_match"]
+
+
 class EvalSection(_Section):
     every: int = Field(1, ge=1)
-    metrics: list[Literal["loss", "rougeL", "exact_match"]] = Field(
-        default_factory=lambda: ["loss", "exact_match"]
-    )
+    metrics: list[EvalMetric] = Field(default_factory=_default_metrics)
     max_new_tokens: int = Field(32, ge=1)
     max_examples: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -150,7 +163,7 @@ class Config(_Section):
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @model_validator(mode="after")
-    def _cohort_fits(self) -> "Config":
+    def _cohort_fits(self) -> Config:
         per_round, n = self.clients.per_round, self.data.num_clients
         if per_round is not None and per_round > n:
             raise ValueError(f"clients.per_round={per_round} is more than data.num_clients={n}: "

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from filelock import FileLock
@@ -42,7 +42,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fedbits.config import ModelSection
+from fedbits.config import DType, ModelSection
 from fedbits.errors import ModelError
 from fedbits.paths import converted_model_dir
 from fedbits.progress import heartbeat
@@ -60,7 +60,9 @@ BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
 TINY_MAX_POSITIONS = 512
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES: dict[DType, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16
+}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What from_pretrained raises for a bad path, a missing/unreachable repo (hub errors are
 # OSErrors), an unknown architecture or a corrupt/mismatched checkpoint.
@@ -144,7 +146,14 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> PreTrain
 # ------------------------------------------------------------------------ random models
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+class _SpecialIds(TypedDict):
+    vocab_size: int
+    pad_token_id: int | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> _SpecialIds:
     return {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -211,7 +220,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     with heartbeat(f"converting {path.name}", logger=logger):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     model.config.quantization_config = None
-    model.hf_quantizer = None
+    # transformers sets hf_quantizer in from_pretrained without declaring it on the class
+    model.hf_quantizer = None  # type: ignore[assignment]
     return model
 
 

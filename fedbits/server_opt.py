@@ -29,7 +29,8 @@ class ServerOptOptions(BaseModel):
     server_opt: ServerOptName = "avg"
     server_lr: float = Field(1.0, gt=0)
     server_beta1: float = Field(
-        0.9, ge=0, lt=1, description="FedAvgM's momentum; the first-moment decay of the adaptive rules"
+        0.9, ge=0, lt=1,
+        description="FedAvgM's momentum; the first-moment decay of the adaptive rules",
     )
     server_beta2: float = Field(0.99, ge=0, lt=1)
     server_eps: float = Field(1e-3, gt=0, description="the adaptive rules' tau (adaptivity)")
@@ -89,7 +90,7 @@ def make_server_optimizer(
     if opts.server_opt == "fedadam":
         return torch.optim.Adam(params, lr=opts.server_lr, betas=betas, eps=opts.server_eps,
                                 weight_decay=0.0)
-    rule = "yogi" if opts.server_opt == "fedyogi" else "adagrad"
+    rule: Literal["yogi", "adagrad"] = "yogi" if opts.server_opt == "fedyogi" else "adagrad"
     return ReddiAdaptive(params, lr=opts.server_lr, betas=betas, eps=opts.server_eps, rule=rule)
 
 
@@ -99,7 +100,7 @@ def apply_pseudo_gradient(
 ) -> None:
     """One server step on ``params`` only; tensors of the optimizer not listed are left as
     they are (their ``.grad`` is None)."""
-    for p, d in zip(params, deltas):
+    for p, d in zip(params, deltas, strict=True):
         p.grad = (-d).to(p.dtype)
     optimizer.step()
     for p in params:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+PLUGINS = REPO / "tests" / "plugins"
+"""Packages from outside fedbits (a method, a codec stage), found through their
+``*.dist-info/entry_points.txt`` as if installed: the suites run them like built-ins."""
+sys.path.insert(0, str(PLUGINS))
 TINY = REPO / "examples" / "tiny.toml"
 
 

@@ -19,19 +19,8 @@ from importlib.metadata import entry_points
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY
 from hypothesis import given
 from hypothesis import strategies as st
-from test_compress import (
-    PROPERTY,
-    WHAT,
-    assert_truncations_and_bit_flips_are_wire_errors,
-    assert_wire_error_or_finite,
-    gen,
-    make_chain,
-    reframe,
-    vectors,
-)
 
 from fedbits.compress import available_stages, register_stage
 from fedbits.compress.chain import Chain
@@ -42,6 +31,18 @@ from fedbits.errors import ConfigError, WireError
 from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.wire import header_size
+
+from conftest import REPO, TINY
+from test_compress import (
+    PROPERTY,
+    WHAT,
+    assert_truncations_and_bit_flips_are_wire_errors,
+    assert_wire_error_or_finite,
+    gen,
+    make_chain,
+    reframe,
+    vectors,
+)
 
 PLUGINS = REPO / "tests" / "plugins"
 SIGN_CHAINS = [

@@ -44,8 +44,10 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ("clients.learning_rate=1", r"clients\.learning_rate: unknown key \(allowed: .*lr"),
         ("clients.lr=fast", r"clients\.lr: "),
-        ("data.partition=random", r"data\.partition: must be one of 'iid', 'dirichlet' or 'natural', got 'random'"),
-        ("method.name=fedsgd", r"method\.name: unknown method 'fedsgd' \(available: .*fedavg.*fedit"),
+        ("data.partition=random",
+         r"data\.partition: must be one of 'iid', 'dirichlet' or 'natural', got 'random'"),
+        ("method.name=fedsgd",
+         r"method\.name: unknown method 'fedsgd' \(available: .*fedavg.*fedit"),
         ("method.lora_rank=4", r"method\.lora_rank: unknown key \(allowed: name, .*lora_r"),
         ("model.name=no-such-model", r"model\.name: .*no-such-model"),
         ("model.name=./missing_dir", r"model\.name: .*missing_dir"),

@@ -39,23 +39,24 @@ class RecordingSimulation(Simulation):
 
     crossed: dict[tuple[int, int, str], int]
 
-    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
-        def record(client: int, downlink: bytes | None, reply: Reply) -> None:
-            if downlink is not None:
-                self.crossed[(round_, client, "down")] += len(downlink)
+    def exchange(self, round_: int, downlinks: dict[int, bytes], settle: Settle) -> None:
+        def record(client: int, downlink: bytes, reply: Reply) -> None:
+            self.crossed[(round_, client, "down")] += len(downlink)
             if reply.uplink is not None:
                 self.crossed[(round_, client, "up")] += len(reply.uplink)
             settle(client, downlink, reply)
 
-        super().exchange(round_, clients, record)
+        super().exchange(round_, downlinks, record)
 
 
 class FaultySimulation(Simulation):
     """The simulator over a bad network: the first sampled client's uplink arrives with
     one byte flipped, the second client's process dies before it answers."""
 
-    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
-        def faulty(client: int, downlink: bytes | None, reply: Reply) -> None:
+    def exchange(self, round_: int, downlinks: dict[int, bytes], settle: Settle) -> None:
+        clients = list(downlinks)
+
+        def faulty(client: int, downlink: bytes, reply: Reply) -> None:
             if client == clients[0] and reply.uplink:
                 flipped = bytearray(reply.uplink)
                 flipped[len(flipped) // 2] ^= 0x10
@@ -64,7 +65,7 @@ class FaultySimulation(Simulation):
                 reply = Reply(error="the client's process died mid-update")
             settle(client, downlink, reply)
 
-        super().exchange(round_, clients, faulty)
+        super().exchange(round_, downlinks, faulty)
 
 
 def _run(loop_type: type[Simulation], overrides: list[str]) -> Simulation:

@@ -47,9 +47,8 @@ def test_exact_match_normalises_text() -> None:
     assert is_exact_match("'leaf'", "leaf")
     assert not is_exact_match("leaf pen", "leaf")
     assert not is_exact_match("", "leaf")
-    assert exact_match(["Cat Van.", "13 20 44", "no"], ["cat van", "13 20 44", "yes"]) == pytest.approx(
-        200 / 3
-    )
+    got = exact_match(["Cat Van.", "13 20 44", "no"], ["cat van", "13 20 44", "yes"])
+    assert got == pytest.approx(200 / 3)
 
 
 @pytest.mark.parametrize(
@@ -128,7 +127,8 @@ def test_eval_loss_equals_manual_cross_entropy(tiny) -> None:
         assert out["eval_loss"] == pytest.approx(expected, abs=1e-5)
         assert out["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
         assert model.training  # mode restored
-    assert eval_loss(model, items, 2, tok.pad_token_id) == eval_loss(model, items, 2, tok.pad_token_id)
+    first = eval_loss(model, items, 2, tok.pad_token_id)
+    assert first == eval_loss(model, items, 2, tok.pad_token_id)
 
 
 def test_eval_loss_without_scored_tokens_is_nan(tiny) -> None:
@@ -165,7 +165,8 @@ def test_generation_decodes_only_new_tokens_up_to_eos(tiny, monkeypatch) -> None
         return torch.cat([input_ids, new.expand(input_ids.size(0), -1)], dim=1)
 
     monkeypatch.setattr(model, "generate", fake_generate)
-    out = greedy_generate(model, tok, ["p1", "prompt 2"], max_length=32, max_new_tokens=7, batch_size=8)
+    out = greedy_generate(model, tok, ["p1", "prompt 2"], max_length=32, max_new_tokens=7,
+                          batch_size=8)
     assert out == ["ok", "ok"]
     assert calls[0]["do_sample"] is False and calls[0]["max_new_tokens"] == 7
     assert calls[0]["pad_token_id"] == tok.pad_token_id
@@ -188,11 +189,13 @@ def test_evaluate_runs_requested_metrics(tiny) -> None:
     section = EvalSection(metrics=["loss", "rougeL", "exact_match"], max_new_tokens=4, batch_size=3)
     out = evaluate(model, tok, EXAMPLES, items, section, max_length=64)
     assert set(out) == {"eval_loss", "perplexity", "eval_tokens", "rougeL", "exact_match"}
-    assert out["eval_loss"] == pytest.approx(eval_loss(model, items, 3, tok.pad_token_id)["eval_loss"])
+    want_loss = eval_loss(model, items, 3, tok.pad_token_id)["eval_loss"]
+    assert out["eval_loss"] == pytest.approx(want_loss)
     predictions = greedy_generate(model, tok, [ex.prompt for ex in EXAMPLES], max_length=64,
                                   max_new_tokens=4, batch_size=3)
     assert out["rougeL"] == rouge_l(predictions, [ex.completion for ex in EXAMPLES])
-    answered = [(p, ex.answer) for p, ex in zip(predictions, EXAMPLES) if ex.answer is not None]
+    answered = [(p, ex.answer) for p, ex in zip(predictions, EXAMPLES, strict=True)
+                if ex.answer is not None]
     assert out["exact_match"] == 100 * sum(is_exact_match(p, a) for p, a in answered) / 3
     assert out == evaluate(model, tok, EXAMPLES, items, section, max_length=64)
 
@@ -226,7 +229,7 @@ def test_evaluate_rouge_l_equals_a_hand_computed_value(tiny) -> None:
                                   batch_size=3)
     references = [predictions[0], " ".join(_rouge_tokens(predictions[1])[:2]) + " plus words",
                   "zzzz qqqq", " ".join(reversed(_rouge_tokens(predictions[3])))]
-    examples = [Example(p, ref, "t", None) for p, ref in zip(prompts, references)]
+    examples = [Example(p, ref, "t", None) for p, ref in zip(prompts, references, strict=True)]
     items, _ = tokenize_all(tok, examples, 64)
     section = EvalSection(metrics=["rougeL"], max_new_tokens=24, batch_size=3)
     got = evaluate(model, tok, examples, items, section, max_length=64)["rougeL"]

@@ -66,11 +66,12 @@ def _data(setup, client: int, round_: int) -> ClientData:
 
 
 def _round(setup, server, client_half, stores: ClientStores, round_: int, clients) -> list:
+    downs = {c: server.downlink(round_, c) for c in clients}  # every downlink before any uplink
     updates = []
     for c in clients:
-        up = client_half.update(round_, c, server.downlink(round_, c), _data(setup, c, round_),
+        up = client_half.update(round_, c, downs[c], _data(setup, c, round_),
                                 stores.for_client(c, round_))
-        updates.append(server.decode_uplink(round_, c, up))
+        updates.append(server.decode_uplink(round_, c, up.body))
     server.aggregate(round_, updates)
     stores.commit(round_)
     return updates
@@ -99,12 +100,14 @@ def test_one_block_up_change_only_down_frozen_rest(tmp_path, six_layers):
         r = row["round"]
         assert not row["rejected"]
         stats = row["client_stats"]
-        assert [stats[str(c)]["block"] for c in row["clients"]] == [(2 * (r - 1) + s) % LAYERS for s in range(2)]
+        want_blocks = [(2 * (r - 1) + s) % LAYERS for s in range(2)]
+        assert [stats[str(c)]["block"] for c in row["clients"]] == want_blocks
         for c in row["clients"]:
             since = synced.pop(c, 0)
             blocks = sum(v > since for v in version)
             assert stats[str(c)]["blocks_received"] == blocks
-            down = next(x["bytes"] for x in ledger if (x["round"], x["client"], x["direction"]) == (r, c, "down"))
+            down = next(x["bytes"] for x in ledger
+                        if (x["round"], x["client"], x["direction"]) == (r, c, "down"))
             assert down == header_size("fedcybgd") + 8 + 4 + 4 + 1 + 1 + 8 + 4 * block * blocks
             if r > LAYERS // 2:  # after the first cycle
                 late_downloads.append(down)
@@ -144,7 +147,8 @@ def test_agg_averages_two_clients_and_otherwise_the_last_writer_wins(tmp_path, s
         total = sum(u.num_samples for u in pair)
         for name in server.s.subset.blocks[block]:
             mean = sum(u.delta[name] * (u.num_samples / total) for u in pair)
-            torch.testing.assert_close(server.params[name] - before[name], mean, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(server.params[name] - before[name], mean,
+                                       rtol=1e-5, atol=1e-7)
             assert not torch.equal(pair[0].delta[name], pair[1].delta[name])
 
     setup, server, client = _halves(_overrides(tmp_path, six_layers, "data.num_clients=8",
@@ -163,10 +167,11 @@ def test_paper_download_sends_a_fraction_of_the_updated_blocks(tmp_path, six_lay
     received = []
     for r, clients in enumerate([(0, 1), (2, 3), (4, 5), (0, 1)], start=1):
         server_round = []
+        downs = {c: server.downlink(r, c) for c in clients}
         for c in clients:
-            up = client.update(r, c, server.downlink(r, c), _data(setup, c, r), stores.for_client(c, r))
-            received.append(client.last_stats["blocks_received"])
-            server_round.append(server.decode_uplink(r, c, up))
+            up = client.update(r, c, downs[c], _data(setup, c, r), stores.for_client(c, r))
+            received.append(up.stats["blocks_received"])
+            server_round.append(server.decode_uplink(r, c, up.body))
         server.aggregate(r, server_round)
         stores.commit(r)
     # updated before the round: none, {0,1}, {0..3}, all six; own block comes down when updated
@@ -189,7 +194,8 @@ def test_stale_store_is_refused_then_resynced_and_a_wrong_start_is_rejected(tmp_
     for name, p in model.named_parameters():
         assert torch.equal(p, server.model.get_parameter(name)), name
 
-    up = client.update(5, 2, server.downlink(5, 2), _data(setup, 2, 5), stores.for_client(2, 5))
+    up = client.update(5, 2, server.downlink(5, 2), _data(setup, 2, 5),
+                       stores.for_client(2, 5)).body
     slot = server.cohort.slots[2]
     with torch.no_grad():
         server.params[server.s.subset.select(5, slot)[1][0]].add_(1e-3)  # the server moved on
@@ -200,8 +206,9 @@ def test_stale_store_is_refused_then_resynced_and_a_wrong_start_is_rejected(tmp_
     with pytest.raises(ClientError, match="client 3 uplink: no downlink was sent"):
         server.decode_uplink(5, 3, up)
     down = bytearray(server.downlink(6, 1))
-    with pytest.raises(WireError, match="downlink to client 1: checksum"):
-        client.load(6, 1, bytes(down[:30] + bytes([down[30] ^ 1]) + down[31:]), stores.for_client(1, 6))
+    down[0] ^= 1  # the body's first field: the fingerprint of the decoder layers' layout
+    with pytest.raises(WireError, match="downlink to client 1: layout fingerprint"):
+        client.load(6, 1, bytes(down), stores.for_client(1, 6))
 
 
 def test_resume_is_bit_identical(tmp_path, six_layers):

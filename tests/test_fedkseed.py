@@ -46,7 +46,8 @@ def test_client_replay_is_bit_identical_to_the_server(tmp_path, mode):
     # a fresh client process (no cache) rebuilds the final model from w0 + the pool
     client = FedKSeedClient(sim.setup.method_context())
     assert client.sync(sim.server.published) == np.count_nonzero(sim.server.published)
-    for (name, want), got in zip(sim.server.model.named_parameters(), client.model.parameters()):
+    pairs = zip(sim.server.model.named_parameters(), client.model.parameters(), strict=True)
+    for (name, want), got in pairs:
         assert torch.equal(want, got), name
     base = sim.setup.base_model.state_dict()
     assert any(not torch.equal(base[n], p) for n, p in sim.server.model.named_parameters())
@@ -74,8 +75,9 @@ def test_a_client_whose_replay_diverges_is_refused_then_resynced(tmp_path):
 
 
 def test_uplink_and_downlink_bytes_follow_the_wire_format(tmp_path):
-    sim = _simulate(tmp_path, "method.zstd=false", rounds=2)
-    ledger = [json.loads(line) for line in (tmp_path / "sim" / "ledger.jsonl").read_text().splitlines()]
+    _simulate(tmp_path, "method.zstd=false", rounds=2)
+    lines = (tmp_path / "sim" / "ledger.jsonl").read_text().splitlines()
+    ledger = [json.loads(line) for line in lines]
     header = header_size("fedkseed")
     tau, k = 20, 64
     fmt = EntryFormat("compact", "float16", zstd=False)
@@ -114,5 +116,6 @@ def test_pro_sends_importance_and_samples_by_it(tmp_path):
     levels = sim.server.importance_levels()
     assert levels.min() == 0 and levels.max() == 255
     plain = _simulate(tmp_path / "plain", rounds=3)
-    assert sum(r["bytes_down"] for r in rows) > sum(r["bytes_down"] for r in _rows(tmp_path / "plain" / "sim"))
+    plain_down = sum(r["bytes_down"] for r in _rows(tmp_path / "plain" / "sim"))
+    assert sum(r["bytes_down"] for r in rows) > plain_down
     assert plain.server.history_count.sum() == 0

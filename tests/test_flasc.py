@@ -76,7 +76,7 @@ def test_downlink_is_the_global_top_k_and_client_freeze_keeps_the_mask(tiny_over
     want = set(flat.abs().topk(k).indices.tolist())
     stores = ClientStores(tmp_path / "store")
     up = client.update(1, 0, server.downlink(1, 0), data, stores.for_client(0, 1))
-    update = server.decode_uplink(1, 0, up)
+    update = server.decode_uplink(1, 0, up.body)
     delta = server.layout.flatten(update.delta, torch.float32)
     moved = set(torch.nonzero(delta).flatten().tolist())
     assert moved and moved <= want  # client_freeze: only received positions change
@@ -86,7 +86,9 @@ def test_downlink_is_the_global_top_k_and_client_freeze_keeps_the_mask(tiny_over
     assert torch.all(trained[outside] == 0)  # zero-filled and kept at zero
 
 
-def test_downlink_from_init_sends_the_change_and_the_rest_keeps_its_initial_value(tiny_overrides, tmp_path):
+def test_downlink_from_init_sends_the_change_and_the_rest_keeps_its_initial_value(
+    tiny_overrides, tmp_path
+):
     """downlink_base = "init": the top-k is over the change since the seeded initial
     adapter, and a client fills what did not come down with its own initial weights."""
     server, client, data, _ = _halves(tiny_overrides, [
@@ -100,7 +102,7 @@ def test_downlink_from_init_sends_the_change_and_the_rest_keeps_its_initial_valu
     want = change.abs().topk(int(0.25 * change.numel())).indices
     stores = ClientStores(tmp_path / "store")
     up = client.update(1, 0, server.downlink(1, 0), data, stores.for_client(0, 1))
-    delta = server.layout.flatten(server.decode_uplink(1, 0, up).delta, torch.float32)
+    delta = server.layout.flatten(server.decode_uplink(1, 0, up.body).delta, torch.float32)
     trained = server.layout.flatten(client.params, torch.float32)
     received = trained - delta
     inside = torch.zeros_like(initial, dtype=torch.bool)
@@ -126,7 +128,8 @@ def test_density_decays_on_schedule(tiny_overrides):
 @pytest.mark.parametrize(
     ("extra", "lr"),
     [([], 1e-3), (["method.server_opt='avg'"], 1.0), (["method.server_opt='fedavgm'"], 1.0),
-     (["method.server_opt='fedyogi'"], 1e-3), (["method.server_opt='avg'", "method.server_lr=0.5"], 0.5)],
+     (["method.server_opt='fedyogi'"], 1e-3),
+     (["method.server_opt='avg'", "method.server_lr=0.5"], 0.5)],
 )
 def test_server_lr_default_follows_the_server_optimizer(tiny_overrides, extra, lr):
     """FLASC's Adam rate 1e-3 would make plain averaging move the adapter 1000× too little;
@@ -137,7 +140,8 @@ def test_server_lr_default_follows_the_server_optimizer(tiny_overrides, extra, l
 
 def _drift_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records
-            if r.levelno == logging.WARNING and "server_opt = 'avg'" in r.getMessage() and "drifts" in r.getMessage()]
+            if r.levelno == logging.WARNING and "server_opt = 'avg'" in r.getMessage()
+            and "drifts" in r.getMessage()]
 
 
 def test_plain_averaging_over_a_sparse_download_warns_once_per_run(tiny_overrides, caplog):
@@ -186,7 +190,8 @@ def test_flasc_with_error_feedback_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method.name=flasc", "method.uplink=['topk:0.1']"], "selects positions, but flasc chooses them itself"),
+    (["method.name=flasc", "method.uplink=['topk:0.1']"],
+     "selects positions, but flasc chooses them itself"),
     (["method.name=fedavg", "method.error_feedback=true"], "error_feedback needs"),
     (["method.name=fedit", "method.uplink=['int9']"], "method.uplink"),
     (["method.name=fedit", "method.uplink=['fp16']", "method.wire_dtype=float16"], "not both"),

@@ -51,7 +51,7 @@ from fedbits.runtime.flower.node import settle
 from fedbits.runtime.flower.protocol import CONFIG_KEY
 from fedbits.runtime.store import ClientStores
 
-from conftest import REPO, TINY
+from conftest import PLUGINS, REPO, TINY
 
 FEDKSEED = REPO / "examples" / "fedkseed-tiny.toml"
 # two partitions, both sampled every round, one SuperNode each; eval at the ends only
@@ -103,6 +103,9 @@ class Federation(LocalProcesses):
 
     def __init__(self, tmp: Path) -> None:
         super().__init__(tmp)
+        # the nodes and the ServerApp import the plugin method like an installed package
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PLUGINS), self.env.get("PYTHONPATH", "")) if p)
         self.tls = tmp / "tls"
         self.nodes: list[tuple[subprocess.Popen, Path]] = []
         self.stranger: tuple[subprocess.Popen, Path] | None = None
@@ -124,8 +127,10 @@ class Federation(LocalProcesses):
             out, _ = proc.communicate(timeout=START_TIMEOUT_S)
             assert proc.returncode == 0, out
         secure = ("--root-certificates", str(self.tls / "ca.crt"))
-        self.nodes = [self.start_supernode(p, "", *secure, "--auth-key", str(keys[p])) for p in (0, 1)]
-        self.stranger = self.start_supernode(2, "", *secure, "--auth-key", str(keys[2]), "--no-worker")
+        self.nodes = [self.start_supernode(p, "", *secure, "--auth-key", str(keys[p]))
+                      for p in (0, 1)]
+        self.stranger = self.start_supernode(2, "", *secure, "--auth-key", str(keys[2]),
+                                             "--no-worker")
 
     def overrides(self, name: str) -> list[str]:
         return ["runtime.kind=flower", f"runtime.superlink={CONNECTION}",
@@ -216,8 +221,9 @@ def test_fedkseed_over_tls_matches_the_simulator(federation):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", [m for m in available_methods()
-                                    if m not in ("fedit", "fedkseed") and not m.startswith("test-")])
+@pytest.mark.parametrize("method", [
+    m for m in available_methods() if m not in ("fedit", "fedkseed") and not m.startswith("test-")
+])
 def test_every_other_method_over_flower_matches_the_simulator(federation, method):
     """The conformance suite's Flower half (fedit and fedkseed have their own tests above):
     final weights, ledger and metrics equal the simulator's for the same config."""

@@ -25,8 +25,8 @@ def _options(overrides: list[str]):
 @pytest.mark.parametrize("method", ["fedavg", "fedit", "partial"])
 @pytest.mark.parametrize(
     ("server_opt", "lr"),
-    [("avg", 1.0), ("fedavgm", 1.0), ("fedadam", ADAPTIVE_SERVER_LR), ("fedyogi", ADAPTIVE_SERVER_LR),
-     ("fedadagrad", ADAPTIVE_SERVER_LR)],
+    [("avg", 1.0), ("fedavgm", 1.0), ("fedadam", ADAPTIVE_SERVER_LR),
+     ("fedyogi", ADAPTIVE_SERVER_LR), ("fedadagrad", ADAPTIVE_SERVER_LR)],
 )
 def test_server_lr_default_follows_the_server_optimizer(method, server_opt, lr):
     """Adaptive rules move every weight by about server_lr a round: at averaging's 1.0
@@ -76,7 +76,8 @@ def test_a_codec_chain_given_as_one_string_gets_the_list_spelled_out():
 
 def test_an_error_of_the_options_as_a_whole_is_keyed_method_without_pydantic_prefix():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["method.name=fedavg", "method.wire_dtype=float16", "method.uplink=['int8']"])
+        load_config(None, ["method.name=fedavg", "method.wire_dtype=float16",
+                           "method.uplink=['int8']"])
     message = str(err.value)
     assert message.startswith("defaults: method: set the value format")
     assert "Value error" not in message and "method.:" not in message
@@ -96,11 +97,13 @@ def test_methods_verbose_shows_real_defaults_choices_and_a_description_for_every
     for name, lines in blocks.items():
         fields = get_method(name).options.model_fields
         assert [line.split(" = ")[0] for line in lines] == list(fields), name
-        for line, field in zip(lines, fields.values()):
+        for line, field in zip(lines, fields.values(), strict=True):
             assert field.description and line.endswith(field.description), line
     partial = dict(line.split(" = ", 1) for line in blocks["partial"])
     assert partial["uplink"].startswith("['int8']")
-    assert partial["server_opt"].startswith("'avg' (avg | fedavgm | fedadam | fedyogi | fedadagrad)")
+    assert partial["server_opt"].startswith(
+        "'avg' (avg | fedavgm | fedadam | fedyogi | fedadagrad)"
+    )
     assert partial["lora_dropout"].startswith("0.05 (>= 0, < 1)")
 
 

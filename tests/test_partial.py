@@ -16,13 +16,18 @@ from torch import nn
 from fedbits.config import ModelSection
 from fedbits.errors import ClientError, ConfigError, WireError
 from fedbits.methods import ClientData, get_method
-from fedbits.methods._blocks import BlockSchedule, SubsetOptions, decoder_layers, subset_from_options
+from fedbits.methods._blocks import (
+    BlockSchedule,
+    SubsetOptions,
+    decoder_layers,
+    subset_from_options,
+)
 from fedbits.models import load_model
 from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.server_opt import ReddiAdaptive
-from fedbits.wire import Direction, Layout, Writer, encode_message, header_size
+from fedbits.wire import Layout, Writer, header_size
 
 from conftest import TINY, assert_same_final_and_ledger
 
@@ -36,7 +41,8 @@ def llama_names(layers: int) -> list[str]:
     """Parameter names as a Llama model spells them."""
     names = ["model.embed_tokens.weight"]
     for i in range(layers):
-        names += [f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.up_proj.weight",
+        names += [f"model.layers.{i}.self_attn.q_proj.weight",
+                  f"model.layers.{i}.mlp.up_proj.weight",
                   f"model.layers.{i}.input_layernorm.weight"]
     return names + ["model.norm.weight", "lm_head.weight"]
 
@@ -56,7 +62,8 @@ def subset(num_layers: int = 8, cohort: int = 3, seed: int = 0, **options):
 def test_decoder_layers_come_from_llama_gpt2_and_peft_names():
     gpt2, _ = load_model(ModelSection(name="tiny-gpt2"))
     layers = decoder_layers([n for n, _ in gpt2.named_parameters()])
-    assert len(layers) == 2 and all(n.startswith(f"transformer.h.{i}.") for i, ls in enumerate(layers) for n in ls)
+    assert len(layers) == 2
+    assert all(n.startswith(f"transformer.h.{i}.") for i, ls in enumerate(layers) for n in ls)
     peft = ["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight",
             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]
     assert decoder_layers(peft) == [[peft[1]], [peft[0]]]
@@ -107,7 +114,8 @@ def test_cycling_schedules_visit_every_block_once_per_cycle():
     assert [[per_client.select(r, s)[0] for s in range(3)] for r in (1, 2, 3)] == [
         [0, 1, 2], [3, 0, 1], [2, 3, 0]]
     two_each = BlockSchedule(4, "client", "ascending", seed=0, cohort=4, per_block=2)
-    assert [two_each.block(r, s) for r in (1, 2, 3) for s in range(4)] == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1]
+    assert [two_each.block(r, s) for r in (1, 2, 3) for s in range(4)] == [
+        0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1]
 
     def cycles(seed: int) -> list[list[int]]:
         s = subset(layer_fraction=0.25, schedule="round", order="random", seed=seed)
@@ -135,13 +143,14 @@ def _data(setup, client: int, round_: int) -> ClientData:
     return ClientData(items, setup.pad_id, seed=1000 * round_ + client)
 
 
-def _round(setup, server, client_half, round_: int, clients=(0,)) -> list:
+def _round(setup, server, client_half, round_: int, clients=(0,)) -> tuple[list, dict]:
+    """The round's updates and the server's stats (every downlink before any uplink)."""
+    downs = {c: server.downlink(round_, c) for c in clients}
     updates = []
     for c in clients:
-        up = client_half.update(round_, c, server.downlink(round_, c), _data(setup, c, round_), None)
-        updates.append(server.decode_uplink(round_, c, up))
-    server.aggregate(round_, updates)
-    return updates
+        up = client_half.update(round_, c, downs[c], _data(setup, c, round_), None)
+        updates.append(server.decode_uplink(round_, c, up.body))
+    return updates, server.aggregate(round_, updates)
 
 
 def _ledger(run_dir: Path, direction: str) -> list[int]:
@@ -153,13 +162,15 @@ def test_quarter_model_int8_sends_a_fraction_of_fedavg_and_frozen_weights_stay_p
     tiny_overrides,
 ):
     cfg = load_config(TINY, tiny_overrides + FAST + [
-        "run.rounds=2", "method.name=partial", "method.layer_fraction=0.5", "method.uplink=['int8']"])
+        "run.rounds=2", "method.name=partial", "method.layer_fraction=0.5",
+        "method.uplink=['int8']"])
     partial = run_experiment(cfg)
     setup = prepare_run(cfg)
     base = dict(setup.base_model.named_parameters())
     top = {n: p for n, p in base.items() if ".layers.1." in n}
     n = sum(p.numel() for p in top.values())
-    # envelope + num_samples + train_loss + fingerprint + chain frame (7) + int8 (scale per 64 + codes)
+    # envelope + num_samples + train_loss + fingerprint + chain frame (7)
+    # + int8 (scale per 64 + codes)
     want = header_size("partial") + 4 + 4 + 8 + 7 + 4 * math.ceil(n / 64) + n
     assert set(_ledger(partial, "up")) == {want}
     assert set(_ledger(partial, "down")) == {header_size("partial") + 4 + 8 + 1 + 8 + 4 * n}
@@ -182,7 +193,8 @@ def test_frozen_parameters_get_no_gradient(tiny_overrides):
     setup, server, client = _halves(tiny_overrides + FAST + [
         "method.name=partial", "method.schedule=round", "method.layer_fraction=0.5",
         "method.include=['model.norm.*']"])
-    assert len(server.params) > len(server.subset.blocks[0])  # round 1 trains part of what can change
+    # round 1 trains part of what can change
+    assert len(server.params) > len(server.subset.blocks[0])
     _round(setup, server, client, 1)
     for name, p in client.model.named_parameters():
         trained = name.startswith("model.layers.0.") or name == "model.norm.weight"
@@ -195,11 +207,11 @@ def test_round_schedule_updates_only_that_rounds_block(tiny_overrides):
         "method.name=partial", "method.schedule=round", "method.layer_fraction=0.5",
         "method.uplink=[]", "clients.per_round=2"])
     before = {n: p.detach().clone() for n, p in server.params.items()}
-    updates = _round(setup, server, client, 1, clients=(0, 1))
+    updates, stats = _round(setup, server, client, 1, clients=(0, 1))
     assert all(set(u.delta) == set(server.subset.blocks[0]) for u in updates)
     for name, p in server.params.items():
         assert torch.equal(p, before[name]) == (".layers.1." in name), name
-    assert server.last_stats == {"tensors_updated": len(server.subset.blocks[0])}
+    assert stats == {"tensors_updated": len(server.subset.blocks[0])}
     _round(setup, server, client, 2, clients=(0, 1))
     assert all(not torch.equal(p, before[n]) for n, p in server.params.items())
 
@@ -277,21 +289,21 @@ def test_bad_uplinks_are_rejected_naming_the_client(tiny_overrides):
     nan = torch.zeros(layout.numel)
     nan[5] = math.nan
     body = Writer().u32(4).f32(1.0).u64(layout.fingerprint).u8(1).u64(layout.numel)
-    payload = encode_message("partial", 1, Direction.UP, body.raw(nan.numpy().tobytes()).getvalue())
+    payload = body.raw(nan.numpy().tobytes()).getvalue()  # a body: the runtime opens envelopes
     with pytest.raises(ClientError, match="client 2 uplink: no downlink was sent"):
         server.decode_uplink(1, 2, payload)
     server.downlink(1, 2)
     with pytest.raises(ClientError, match="client 2 uplink: non-finite values"):
         server.decode_uplink(1, 2, payload)
-    with pytest.raises(WireError, match="client 2 uplink: .*(truncated|length)"):
+    with pytest.raises(WireError, match="client 2 uplink: .*(truncated|remain)"):
         server.decode_uplink(1, 2, payload[:-9])
     elsewhere = Layout.of({"other.weight": torch.zeros(layout.numel)}).fingerprint
     foreign = Writer().u32(4).f32(1.0).u64(elsewhere).u8(1).u64(layout.numel)
     foreign.raw(torch.zeros(layout.numel).numpy().tobytes())
     with pytest.raises(WireError, match="fingerprint"):  # values of another block or model
-        server.decode_uplink(1, 2, encode_message("partial", 1, Direction.UP, foreign.getvalue()))
+        server.decode_uplink(1, 2, foreign.getvalue())
     good = client.update(1, 2, server.downlink(1, 2), _data(setup, 2, 1), None)
-    server.aggregate(1, [server.decode_uplink(1, 2, good)])  # the round goes on with good ones
+    server.aggregate(1, [server.decode_uplink(1, 2, good.body)])  # the round goes on with good ones
 
 
 @pytest.mark.parametrize("base", ["zero", "init"])
@@ -308,7 +320,7 @@ def test_sparse_downlink_fills_what_was_not_sent_by_downlink_base(tiny_overrides
     sent_flat = server.layout.flatten(sent, torch.float32)
     top = torch.zeros_like(initial, dtype=torch.bool)
     top[sent_flat.abs().topk(int(0.25 * initial.numel())).indices] = True
-    (update,) = _round(setup, server, client, 1)
+    (update,), _ = _round(setup, server, client, 1)
     received = server.layout.flatten(client.params, torch.float32) - server.layout.flatten(
         update.delta, torch.float32)
     fill = initial if base == "init" else torch.zeros_like(initial)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -465,9 +466,9 @@ def test_byte_ticks_are_few_distinct_and_apart(tmp_path: Path, first: int, span:
         ax = fig.axes[0]
         fig.canvas.draw()
         low, high = ax.get_xlim()
-        labels = [t for x, t in zip(ax.get_xticks(), ax.get_xticklabels())
+        labels = [t for x, t in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True)
                   if low <= x <= high and t.get_text()]
         texts = [t.get_text() for t in labels]
         assert 2 <= len(texts) <= 7 and len(set(texts)) == len(texts), texts
         boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
-        assert all(a.x1 + 10 < b.x0 for a, b in zip(boxes, boxes[1:])), texts
+        assert all(a.x1 + 10 < b.x0 for a, b in pairwise(boxes)), texts

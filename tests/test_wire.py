@@ -13,10 +13,10 @@ from fedbits.wire import (
     Layout,
     Reader,
     Writer,
-    decode_message,
-    encode_message,
     header_size,
+    open_envelope,
     read_tensors,
+    seal,
     write_tensors,
 )
 
@@ -24,14 +24,18 @@ LIMIT = 10_000_000
 
 
 def _decode(payload: bytes, **kw):
-    args = dict(method="fedit", round_=3, direction=Direction.UP, max_bytes=LIMIT)
+    args = dict(method="fedit", round_=3, direction=Direction.UP, limit=LIMIT, what="payload")
     args.update(kw)
-    return decode_message(payload, **args)
+    return open_envelope(payload, **args)
+
+
+def _seal(body: bytes) -> bytes:
+    return seal("fedit", 3, Direction.UP, body, limit=LIMIT, what="client 3 uplink")
 
 
 def test_envelope_round_trip_and_fixed_header():
     body = b"hello world"
-    payload = encode_message("fedit", 3, Direction.UP, body)
+    payload = _seal(body)
     assert _decode(payload) == body
     assert len(payload) == header_size("fedit") + len(body)
 
@@ -42,17 +46,25 @@ def test_envelope_round_trip_and_fixed_header():
         (dict(method="fedavg"), "method 'fedit', expected 'fedavg'"),
         (dict(round_=4), "round 3, expected 4"),
         (dict(direction=Direction.DOWN), "direction"),
-        (dict(max_bytes=10), "exceeds the limit"),
+        (dict(limit=10), "exceeds the limit"),
     ],
 )
 def test_envelope_rejects_wrong_fields(kw, match):
-    payload = encode_message("fedit", 3, Direction.UP, b"x" * 100)
+    payload = _seal(b"x" * 100)
     with pytest.raises(WireError, match=match):
         _decode(payload, **kw)
 
 
+def test_seal_refuses_a_payload_over_the_limit_naming_it():
+    limit = header_size("fedit") + 99
+    assert len(seal("fedit", 1, Direction.DOWN, b"x" * 99, limit=limit, what="w")) == limit
+    with pytest.raises(WireError, match=f"^downlink to client 3: {limit + 1} bytes exceeds the "
+                                        f"limit of {limit}$"):
+        seal("fedit", 1, Direction.DOWN, b"x" * 100, limit=limit, what="downlink to client 3")
+
+
 def test_envelope_rejects_truncation_garbage_version_and_bitflips():
-    payload = encode_message("fedit", 3, Direction.UP, bytes(range(200)))
+    payload = _seal(bytes(range(200)))
     for cut in (0, 1, 5, len(payload) // 2, len(payload) - 1):
         with pytest.raises(WireError):
             _decode(payload[:cut])
@@ -101,7 +113,8 @@ def test_tensor_sets_round_trip_exactly(shapes, dtype, seed):
     for name in tensors:
         assert out[name].dtype == dtype
         assert torch.equal(out[name], tensors[name])
-    assert len(w.getvalue()) == 8 + 1 + 8 + layout.numel * tensors[next(iter(tensors))].element_size()
+    element_size = tensors[next(iter(tensors))].element_size()
+    assert len(w.getvalue()) == 8 + 1 + 8 + layout.numel * element_size
 
 
 def test_layout_mismatch_is_rejected():

@@ -42,7 +42,8 @@ def test_native_matches_torch_reference(dist, start, n):
 def test_slices_compose_and_directions_ignore_dtype_and_order():
     key = param_key(3, "w")
     whole = direction(key, 0, 1000, "gaussian")
-    parts = torch.cat([kernels.fill(key, a, b - a, "gaussian") for a, b in [(0, 3), (3, 400), (400, 1000)]])
+    parts = torch.cat([kernels.fill(key, a, b - a, "gaussian")
+                       for a, b in [(0, 3), (3, 400), (400, 1000)]])
     assert torch.equal(whole, parts)
     # a bfloat16 parameter takes the torch path and gets the same direction values
     w = torch.zeros(1000, dtype=torch.bfloat16)
@@ -66,14 +67,15 @@ def test_replay_is_exact_and_order_free():
     keys = np.array([param_key(s, "w") for s in range(40)], dtype=np.uint64)
     coefs = np.random.default_rng(0).integers(-(1 << 30), 1 << 30, 40)
     ints = torch.tensor(table_ints("gaussian"))
-    want = sum(int(c) * ints[indices(int(k), 0, n)] for k, c in zip(keys, coefs))
+    want = sum(int(c) * ints[indices(int(k), 0, n)] for k, c in zip(keys, coefs, strict=True))
     acc = torch.zeros(n, dtype=torch.int64)
     kernels.replay_(keys, coefs, kernels.exact_groups(coefs, "gaussian"), 0, acc, "gaussian")
     assert torch.equal(acc, want)
     reverse = torch.zeros(n, dtype=torch.int64)
-    for k, c in zip(keys[::-1], coefs[::-1]):  # one seed at a time, other order
+    for k, c in zip(keys[::-1], coefs[::-1], strict=True):  # one seed at a time, other order
         one = np.array([c])
-        kernels.replay_(np.array([k]), one, kernels.exact_groups(one, "gaussian"), 0, reverse, "gaussian")
+        groups = kernels.exact_groups(one, "gaussian")
+        kernels.replay_(np.array([k]), one, groups, 0, reverse, "gaussian")
     assert torch.equal(acc, reverse)
 
 
@@ -99,7 +101,8 @@ def test_incremental_replay_equals_full_replay():
     step.write(model, base, 1e-3)
     expect = copy.deepcopy(model)
     fresh.write(expect, base, 1e-3)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expect.parameters()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.parameters(), expect.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
@@ -116,13 +119,16 @@ def test_zo_step_losses_and_update_match_explicit_perturbation(name):
     with trainer.attached():
         loss_plus, loss_minus, g = trainer.step(seed, batch)
         # inside the step nothing was perturbed in place: only the owed update differs
-        assert trainer._owed and all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+        assert trainer._owed
+        assert all(torch.equal(a, b)
+                   for a, b in zip(model.parameters(), ref.parameters(), strict=True))
 
     def explicit(sign: float) -> float:
         m = copy.deepcopy(ref)
         with torch.no_grad():
             for n, p in m.named_parameters():
-                p.add_(torch.tensor(eps) * direction(param_key(seed, n), 0, p.numel(), "gaussian").view_as(p) * sign)
+                z = direction(param_key(seed, n), 0, p.numel(), "gaussian").view_as(p)
+                p.add_(torch.tensor(eps) * z * sign)
             return m(**batch).loss.item()
 
     assert loss_plus == pytest.approx(explicit(1), abs=1e-5)
@@ -130,7 +136,7 @@ def test_zo_step_losses_and_update_match_explicit_perturbation(name):
     assert g == (loss_plus - loss_minus) / (2 * eps)
     f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
     with torch.no_grad():
-        for (n, want), got in zip(ref.named_parameters(), model.parameters()):
+        for (n, want), got in zip(ref.named_parameters(), model.parameters(), strict=True):
             z = direction(param_key(seed, n), 0, want.numel(), "gaussian").view_as(want)
             decay = wd if want.ndim >= 2 else 0.0
             assert torch.equal(got, want - f(lr) * (f(g) * z + f(decay) * want)), n
@@ -145,4 +151,5 @@ def test_non_finite_loss_skips_the_step():
     trainer = ZeroOrderTrainer(model, eps=1e-3, lr=1.0)
     with trainer.attached():
         assert trainer.step(1, batch)[2] is None
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.parameters(), ref.parameters(), strict=True))

@@ -186,7 +186,8 @@ def encode_indices(indices: np.ndarray, n: int, coding: IndexCoding | None = Non
     idx = _check(indices, n)
     if coding is None:
         sizes = coded_sizes(idx, n)
-        coding = min(TAGS, key=lambda c: (sizes[c], TAGS[c]))
+        smallest: IndexCoding = min(TAGS, key=lambda c: (sizes[c], TAGS[c]))
+        coding = smallest
     tag = bytes([TAGS[coding]])
     if coding == "bitmask":
         return tag + _set_bits(idx, n)

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbits.config import EvalSection
-from fedbits.data.types import Example
 from fedbits.data.format import Tokenized
+from fedbits.data.types import Example
 from fedbits.eval.generate import greedy_generate
 from fedbits.eval.loss import eval_loss
 from fedbits.eval.metrics import exact_match, rouge_l
@@ -47,9 +47,10 @@ def _generation_metrics(
     out: dict[str, float] = {}
     if "rougeL" in metrics and examples:
         out["rougeL"] = rouge_l(predictions, [ex.completion for ex in examples])
-    answered = [(p, ex.answer) for p, ex in zip(predictions, examples) if ex.answer is not None]
+    answered = [(p, ex.answer) for p, ex in zip(predictions, examples, strict=True)
+                if ex.answer is not None]
     if "exact_match" in metrics and answered:
-        preds, answers = zip(*answered)
+        preds, answers = zip(*answered, strict=True)
         out["exact_match"] = exact_match(preds, answers)
     return out
 

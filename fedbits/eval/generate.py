@@ -7,8 +7,9 @@ new tokens line up; greedy decoding makes the evaluation repeatable run to run.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedbits.data.batching import left_pad
 from fedbits.data.format import tokenize_prompts
@@ -40,7 +41,9 @@ def _generate_batch(
 ) -> list[list[int]]:
     device = model_device(model)
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
-    out = model.generate(
+    # a causal LM mixes GenerationMixin in (PreTrainedModel itself does not since
+    # transformers 4.50; a PeftModel forwards generate to its base model)
+    out = cast(GenerationMixin, model).generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         do_sample=False,
@@ -74,7 +77,7 @@ def greedy_generate(
             batch = _generate_batch(
                 model, all_ids[start : start + batch_size], pad_id, stop_ids, max_new_tokens
             )
-            texts.extend(tokenizer.decode(t, skip_special_tokens=True).strip() for t in batch)
+            texts.extend(t.strip() for t in tokenizer.batch_decode(batch, skip_special_tokens=True))
             if on_batch is not None:
                 on_batch()
     return texts

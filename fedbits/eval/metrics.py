@@ -36,7 +36,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     scorer = RougeScorer(["rougeL"])
     total = sum(
         scorer.score(target=ref, prediction=pred)["rougeL"].fmeasure
-        for pred, ref in zip(predictions, references)
+        for pred, ref in zip(predictions, references, strict=True)
     )
     return 100.0 * total / len(predictions)
 
@@ -80,5 +80,5 @@ def is_exact_match(prediction: str, answer: str) -> bool:
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
     """Percentage of predictions that match their answer (see :func:`is_exact_match`)."""
     _check_lengths(predictions, answers)
-    hits = sum(is_exact_match(p, a) for p, a in zip(predictions, answers))
+    hits = sum(is_exact_match(p, a) for p, a in zip(predictions, answers, strict=True))
     return 100.0 * hits / len(predictions)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from fedbits.methods.base import (
     ClientData,
+    ClientResult,
     ClientSide,
     ClientStore,
     ClientUpdate,
@@ -26,6 +27,7 @@ from fedbits.methods.registry import available_methods, describe_options, get_me
 
 __all__ = [
     "ClientData",
+    "ClientResult",
     "ClientSide",
     "ClientStore",
     "ClientUpdate",

@@ -15,8 +15,9 @@ else the chain's payload, which runs to the end of the body.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from pydantic import Field, model_validator
@@ -30,19 +31,28 @@ from fedbits.methods._updates import (
     DownlinkFill,
     check_change,
     load_optimizer_checkpoint,
+    narrow,
     optimizer_checkpoint,
+    save_pretrained,
     seeded_generator,
     train_change,
     weighted_change,
 )
-from fedbits.methods.base import ClientData, ClientStore, ClientUpdate, MethodContext, MethodOptions
+from fedbits.methods.base import (
+    ClientData,
+    ClientResult,
+    ClientStore,
+    ClientUpdate,
+    MethodContext,
+    MethodOptions,
+)
 from fedbits.server_opt import (
     ServerOptName,
     ServerOptOptions,
     apply_pseudo_gradient,
     make_server_optimizer,
 )
-from fedbits.wire import Direction, Layout, Reader, Writer, decode_message, encode_message
+from fedbits.wire import Direction, Layout, Reader, Writer
 
 WireDtype = Literal["float32", "bfloat16", "float16"]
 DownlinkBase = Literal["zero", "init"]
@@ -84,9 +94,12 @@ class DenseOptions(MethodOptions, ServerOptOptions):
         default_factory=list,
         description="codec chain for the client's change, e.g. ['topk:1/16', 'int8', 'zstd']",
     )
-    downlink: list[str] = Field(default_factory=list, description="codec chain for the weights sent down")
+    downlink: list[str] = Field(
+        default_factory=list, description="codec chain for the weights sent down"
+    )
     error_feedback: bool = Field(
-        False, description="the client adds what its uplink chain dropped last time to its next change"
+        False,
+        description="the client adds what its uplink chain dropped last time to its next change",
     )
     downlink_base: DownlinkBase = Field(
         "zero",
@@ -107,11 +120,12 @@ class DenseOptions(MethodOptions, ServerOptOptions):
         return data
 
     @model_validator(mode="after")
-    def _chains_are_valid(self) -> "DenseOptions":
+    def _chains_are_valid(self) -> DenseOptions:
         for field in ("uplink", "downlink"):
             stages = getattr(self, field)
             if stages and self.wire_dtype != "float32":
-                raise ValueError(f"set the value format in method.{field} or method.wire_dtype, not both")
+                raise ValueError(
+                    f"set the value format in method.{field} or method.wire_dtype, not both")
             parse_chain(stages, field=f"method.{field}")
         if self.error_feedback and not (self.uplink or self.sparsifies_uplink):
             raise ValueError("method.error_feedback needs a lossy method.uplink chain")
@@ -138,7 +152,9 @@ def trainable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
 class _DenseHalf:
     """What both halves hold: the prepared model, its trainable tensors and their layout."""
 
-    def __init__(self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None) -> None:
+    def __init__(
+        self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None
+    ) -> None:
         self.ctx = ctx
         self.name = ctx.cfg.method.name
         self.model = prepare(ctx.build_model())
@@ -148,23 +164,16 @@ class _DenseHalf:
         self.chains = chains or chains_from_options(ctx.options)
         self.fill = DownlinkFill(ctx.options.downlink_base, self.params)
 
-    def _open(self, payload: bytes, round_: int, direction: Direction, sender: str) -> Reader:
-        body = decode_message(
-            payload,
-            method=self.name,
-            round_=round_,
-            direction=direction,
-            max_bytes=self.ctx.max_payload_bytes,
-            sender=sender,
-        )
-        return Reader(body, sender)
-
 
 class DenseServer(_DenseHalf):
-    def __init__(self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None) -> None:
+    def __init__(
+        self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None
+    ) -> None:
         super().__init__(ctx, prepare, chains)
         self.optimizer = make_server_optimizer(list(self.params.values()), ctx.options)
-        self._sent: tuple[int, bytes] | None = None  # (round, downlink): one encoding per round
+        # (round, body): every client of a round gets the same object, encoded (and
+        # sealed by the runtime) once
+        self._sent: tuple[int, bytes] | None = None
 
     def downlink(self, round_: int, client: int) -> bytes:
         if self._sent is None or self._sent[0] != round_:
@@ -172,12 +181,12 @@ class DenseServer(_DenseHalf):
             gen = seeded_generator(self.ctx.cfg.run.seed, "downlink", round_)
             write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
                          chain=self.chains(round_, Direction.DOWN), generator=gen)
-            self._sent = (round_, encode_message(self.name, round_, Direction.DOWN, w.getvalue()))
+            self._sent = (round_, w.getvalue())
         return self._sent[1]
 
-    def decode_uplink(self, round_: int, client: int, payload: bytes) -> DeltaUpdate:
+    def decode_uplink(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
         sender = f"client {client} uplink"
-        r = self._open(payload, round_, Direction.UP, sender)
+        r = Reader(body, sender)
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
         delta = read_values(r, self.layout, wire_dtype=self.wire_dtype,
@@ -187,10 +196,12 @@ class DenseServer(_DenseHalf):
         return DeltaUpdate(client, num_samples, train_loss, delta)
 
     @torch.no_grad()
-    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None:
-        means = [weighted_change(updates, name, p) for name, p in self.params.items()]
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        deltas = narrow(updates, DeltaUpdate)
+        means = [weighted_change(deltas, name, p) for name, p in self.params.items()]
         apply_pseudo_gradient(self.optimizer, list(self.params.values()), means)
         self._sent = None
+        return {}
 
     def global_model(self) -> nn.Module:
         return self.model
@@ -202,7 +213,7 @@ class DenseServer(_DenseHalf):
         load_optimizer_checkpoint(self.params, self.optimizer, state)
 
     def save_final(self, path: Path) -> None:
-        self.model.save_pretrained(path)
+        save_pretrained(self.model, path)
 
 
 class DenseClient(_DenseHalf):
@@ -222,10 +233,10 @@ class DenseClient(_DenseHalf):
 
     def update(
         self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
-    ) -> bytes:
+    ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
-        r = self._open(downlink, round_, Direction.DOWN, f"downlink to client {client}")
+        r = Reader(downlink, f"downlink to client {client}")
         received, sent_indices = read_values(
             r, self.layout, wire_dtype=self.wire_dtype, chain=self.chains(round_, Direction.DOWN),
             field="weights",
@@ -245,7 +256,7 @@ class DenseClient(_DenseHalf):
         up_gen = seeded_generator(data.seed, "uplink")
         write_values(w, self.layout, change.delta, wire_dtype=self.wire_dtype, chain=chain,
                      generator=up_gen, feedback=feedback)
-        return encode_message(self.name, round_, Direction.UP, w.getvalue())
+        return ClientResult(w.getvalue())
 
     def _keep_only(self, indices: torch.Tensor) -> Callable[[], None]:
         """A step hook that puts every trainable position not in ``indices`` back to its

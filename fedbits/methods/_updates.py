@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -46,14 +47,16 @@ def train_change(
     """Train ``trained`` (the caller froze the rest) on the client's batches for this
     round with a fresh optimizer; the data seed fixes batch order and dropout, so every
     runtime computes the same change."""
-    from fedbits.data.batching import iterate_batches  # heavy: imported where used (fedbits.methods)
+    # heavy: imported where used (fedbits.methods)
+    from fedbits.data.batching import iterate_batches
 
     start = {n: p.detach().clone() for n, p in trained.items()}
     torch.manual_seed(data.seed)  # dropout
     batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps,
                               torch.Generator().manual_seed(data.seed), data.pad_id)
     began = time.perf_counter()
-    loss = local_train(model, batches, make_optimizer(list(trained.values()), cfg), after_step=after_step)
+    optimizer = make_optimizer(list(trained.values()), cfg)
+    loss = local_train(model, batches, optimizer, after_step=after_step)
     seconds = time.perf_counter() - began
     delta = {n: p.detach() - start[n] for n, p in trained.items()}
     return LocalChange(delta, start, loss, seconds)
@@ -76,7 +79,28 @@ def check_change(sender: str, num_samples: int, delta: Mapping[str, torch.Tensor
             raise ClientError(f"{sender}: non-finite values in the update of {name}")
 
 
-def weighted_change(writers: Sequence[DeltaUpdate], name: str, like: torch.Tensor) -> torch.Tensor:
+U = TypeVar("U", bound=ClientUpdate)
+
+
+def narrow(updates: Sequence[ClientUpdate], kind: type[U]) -> list[U]:
+    """``updates`` as the type this method's ``decode_uplink`` made them: the runtime
+    hands back exactly what it returned, typed as the interface's base class."""
+    out = [u for u in updates if isinstance(u, kind)]
+    if len(out) != len(updates):
+        raise TypeError(f"aggregate expects {kind.__name__} updates, from decode_uplink")
+    return out
+
+
+def save_pretrained(model: nn.Module, path: Path) -> None:
+    """Write ``model`` in Hugging Face format: a transformers model its weights, a PEFT
+    model its adapter. Both have ``save_pretrained``; ``build_model`` types them as
+    plain modules, whose attributes read as tensors or submodules."""
+    cast(Callable[[Path], None], model.save_pretrained)(path)
+
+
+def weighted_change(
+    writers: Sequence[DeltaUpdate], name: str, like: torch.Tensor
+) -> torch.Tensor:
     """The sample-weighted mean of ``writers``' change to tensor ``name``, in float32."""
     total = sum(u.num_samples for u in writers)
     acc = torch.zeros_like(like, dtype=torch.float32)
@@ -97,7 +121,9 @@ def load_tensors(params: Mapping[str, nn.Parameter], saved: Mapping[str, Any]) -
         p.copy_(saved[n])
 
 
-def optimizer_checkpoint(params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def optimizer_checkpoint(
+    params: Mapping[str, nn.Parameter], optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """A server's tensors and its server optimizer's state, for the run's checkpoint."""
     return {"params": tensors_state(params), "optimizer": optimizer.state_dict()}
 
@@ -122,7 +148,9 @@ class DownlinkFill:
     """
 
     def __init__(self, base: str, params: Mapping[str, torch.Tensor]) -> None:
-        self.initial = {n: p.detach().clone() for n, p in params.items()} if base == "init" else None
+        self.initial = (
+            {n: p.detach().clone() for n, p in params.items()} if base == "init" else None
+        )
 
     def to_send(self, params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         if self.initial is None:
@@ -130,7 +158,9 @@ class DownlinkFill:
         return {n: p.detach() - self.initial[n] for n, p in params.items()}
 
     @torch.no_grad()
-    def receive(self, params: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]) -> None:
+    def receive(
+        self, params: Mapping[str, torch.Tensor], received: Mapping[str, torch.Tensor]
+    ) -> None:
         for name, p in params.items():
             p.copy_(received[name])
             if self.initial is not None:

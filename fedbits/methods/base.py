@@ -1,22 +1,28 @@
 """The method interface: a server half and a client half that meet only at bytes.
 
 A method is registered as a :class:`MethodSpec`: its name, its options model (the
-``[method]`` keys besides ``name``) and two factories. The runtime moves the bytes,
-records them in the ledger, and never looks inside them; the same two halves run in
-the in-process simulator and on real nodes.
+``[method]`` keys besides ``name``) and two factories. Its halves produce and consume
+*bodies*: the runtime seals each body in the envelope (method, round, direction,
+checksum), enforces ``runtime.max_payload_mb`` on both sides, records the sealed
+bytes in the ledger, and never looks inside a body; the same two halves run in the
+in-process simulator and on real nodes (docs/methods.md states the whole contract).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from fedbits.config import Config
 from fedbits.errors import ConfigError
+
+if TYPE_CHECKING:  # transformers loads only when a half is built, not to list methods
+    from transformers import PreTrainedModel
 
 
 class MethodOptions(BaseModel):
@@ -51,8 +57,7 @@ class MethodContext:
     cfg: Config
     options: Any  # the method's validated MethodOptions subclass
     tokenizer: Any
-    build_model: Callable[[], nn.Module]  # a fresh copy of the pretrained base model
-    max_payload_bytes: int
+    build_model: Callable[[], PreTrainedModel]  # a fresh copy of the pretrained base model
 
 
 @dataclass
@@ -77,6 +82,19 @@ class ClientUpdate:
     train_loss: float
 
 
+@dataclass
+class ClientResult:
+    """What a client half returns: its uplink body and what it measured.
+
+    ``stats`` land in ``metrics.jsonl`` under ``client_stats[client]`` (e.g. FedKSeed's
+    replay time); they are reports, never inputs to aggregation, which sees only what
+    the server decodes from ``body``.
+    """
+
+    body: bytes
+    stats: dict[str, float] = field(default_factory=dict)
+
+
 class ClientStore(Protocol):
     """Per-client state kept between rounds (memory in simulation, disk on a node)."""
 
@@ -86,13 +104,24 @@ class ClientStore(Protocol):
 
 
 class ServerSide(Protocol):
-    def downlink(self, round_: int, client: int) -> bytes: ...
+    """The server half. Within a round the runtime calls :meth:`downlink` for every
+    sampled client before it calls :meth:`decode_uplink` for any (the order rule), so
+    a downlink never depends on another client's uplink of the same round."""
 
-    def decode_uplink(self, round_: int, client: int, payload: bytes) -> ClientUpdate:
-        """Decode and validate; raise WireError/ClientError to reject this client."""
+    def downlink(self, round_: int, client: int) -> bytes:
+        """The body this client receives. Returning the same ``bytes`` object for every
+        client of a round costs one copy in all: the runtime seals it once."""
         ...
 
-    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None: ...
+    def decode_uplink(self, round_: int, client: int, body: bytes) -> ClientUpdate:
+        """Decode and validate an opened uplink body; raise WireError/ClientError to
+        reject this client (the round goes on without it)."""
+        ...
+
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        """Fold the round's accepted updates into the global model (never called with
+        none); return what the server measured, recorded as the round's ``server_stats``."""
+        ...
 
     def global_model(self) -> nn.Module:
         """The current global model, for evaluation and export (materialize)."""
@@ -108,8 +137,9 @@ class ServerSide(Protocol):
 class ClientSide(Protocol):
     def update(
         self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
-    ) -> bytes:
-        """Decode the downlink, train locally, return the encoded uplink."""
+    ) -> ClientResult:
+        """Decode the downlink body, train locally, return the uplink body; raise to
+        reject this client for the round."""
         ...
 
 

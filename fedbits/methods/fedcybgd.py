@@ -41,9 +41,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -59,7 +59,6 @@ from fedbits.methods._blocks import (
     Cohort,
     Subset,
     decoder_layers,
-    open_message,
     read_values,
     train_only,
     write_values,
@@ -69,6 +68,8 @@ from fedbits.methods._updates import (
     DeltaUpdate,
     check_change,
     load_tensors,
+    narrow,
+    save_pretrained,
     seeded_generator,
     tensors_state,
     train_change,
@@ -76,6 +77,7 @@ from fedbits.methods._updates import (
 )
 from fedbits.methods.base import (
     ClientData,
+    ClientResult,
     ClientStore,
     ClientUpdate,
     MethodContext,
@@ -85,7 +87,7 @@ from fedbits.methods.base import (
 )
 from fedbits.methods.registry import register
 from fedbits.seeding import derive_seed
-from fedbits.wire import Direction, Layout, Reader, Writer, encode_message
+from fedbits.wire import Layout, Reader, Writer
 from fedbits.wire.codec import tensor_bytes, tensor_from_bytes
 from fedbits.wire.layout import check_fingerprint
 
@@ -107,13 +109,15 @@ class FedCyBGDOptions(MethodOptions):
     wire_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="value type of the uplink when no chain is set"
     )
-    uplink: list[str] = Field(default_factory=list, description="codec chain for the block's change")
+    uplink: list[str] = Field(
+        default_factory=list, description="codec chain for the block's change"
+    )
 
     def check_config(self, cfg: Config) -> None:
         refuse_float16_adamw(cfg, "the model's decoder layers")
 
     @model_validator(mode="after")
-    def _chain_is_valid(self) -> "FedCyBGDOptions":
+    def _chain_is_valid(self) -> FedCyBGDOptions:
         if self.uplink and self.wire_dtype != "float32":
             raise ValueError("set the value format in method.uplink or method.wire_dtype, not both")
         parse_chain(self.uplink, field="method.uplink")
@@ -124,7 +128,7 @@ def block_digest(tensors: Iterable[torch.Tensor]) -> int:
     """64-bit BLAKE2b of the tensors' bytes, in order."""
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return int.from_bytes(h.digest(), "little")
 
 
@@ -139,7 +143,7 @@ class _Structure:
 
     def __init__(self, ctx: MethodContext, model: nn.Module) -> None:
         opts: FedCyBGDOptions = ctx.options
-        self.ctx, self.opts, self.name = ctx, opts, ctx.cfg.method.name
+        self.ctx, self.opts = ctx, opts
         names = [n for n, _ in model.named_parameters()]
         layers = decoder_layers(names, f"model {ctx.cfg.model.name!r}")
         schedule = BlockSchedule(len(layers), "client", opts.order, ctx.cfg.run.seed,
@@ -154,9 +158,11 @@ class _Structure:
         self.dtype = dtypes.pop()
         self.num_blocks = len(layers)
         self.wire_dtype: torch.dtype = getattr(torch, opts.wire_dtype)
-        self.up: Chain | None = parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
+        self.up: Chain | None = (
+            parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
+        )
 
-    def flat(self, params: dict[str, torch.Tensor], blocks: list[int]) -> torch.Tensor:
+    def flat(self, params: Mapping[str, torch.Tensor], blocks: list[int]) -> torch.Tensor:
         parts = [params[n].detach().reshape(-1) for b in blocks for n in self.subset.blocks[b]]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype)
 
@@ -184,7 +190,6 @@ class FedCyBGDServer:
         self.synced: dict[int, int] = {}  # client -> last aggregate its verified copy holds
         self.cohort = Cohort()
         self._since: dict[int, int] = {}  # this round: the sync point each client was sent from
-        self.last_stats: dict[str, float] = {}
 
     def downlink(self, round_: int, client: int) -> bytes:
         if self.cohort.round != round_:
@@ -198,23 +203,25 @@ class FedCyBGDServer:
         else:
             since = 0
             send = self._sample(round_, client, block)
-        w = Writer().u64(self.s.universe.fingerprint).u32(slot).u32(since).raw(self.s.mask_bytes(send))
+        w = Writer().u64(self.s.universe.fingerprint).u32(slot).u32(since)
+        w.raw(self.s.mask_bytes(send))
         w.tensor(self.s.flat(self.params, send))
-        return encode_message(self.s.name, round_, Direction.DOWN, w.getvalue())
+        return w.getvalue()
 
     def _sample(self, round_: int, client: int, block: int) -> list[int]:
         """The client's own block if updated, plus a random fraction p of the other updated ones."""
         others = [b for b, v in enumerate(self.version) if v > 0 and b != block]
         k = math.ceil(self.s.opts.download_fraction * len(others) - 1e-9)
-        rng = random.Random(derive_seed(self.s.ctx.cfg.run.seed, "fedcybgd-download", round_, client))
+        seed = derive_seed(self.s.ctx.cfg.run.seed, "fedcybgd-download", round_, client)
+        rng = random.Random(seed)
         chosen = set(rng.sample(others, k))
         if self.version[block] > 0:
             chosen.add(block)
         return sorted(chosen)
 
-    def decode_uplink(self, round_: int, client: int, payload: bytes) -> BlockUpdate:
+    def decode_uplink(self, round_: int, client: int, body: bytes) -> BlockUpdate:
         sender = f"client {client} uplink"
-        r = open_message(self.s.ctx, payload, round_, Direction.UP, sender)
+        r = Reader(body, sender)
         slot = self.cohort.slot(round_, client, sender)
         block, names = self.s.subset.select(round_, slot)
         num_samples = r.u32("num_samples")
@@ -232,9 +239,10 @@ class FedCyBGDServer:
         return BlockUpdate(client, num_samples, train_loss, dict(delta), slot=slot, block=block)
 
     @torch.no_grad()
-    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None:
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        blocks = narrow(updates, BlockUpdate)
         by_block: dict[int, list[BlockUpdate]] = {}
-        for u in sorted(updates, key=lambda u: u.slot):
+        for u in sorted(blocks, key=lambda u: u.slot):
             by_block.setdefault(u.block, []).append(u)
         for block, writers in by_block.items():
             if not self.s.opts.agg:
@@ -244,9 +252,9 @@ class FedCyBGDServer:
                 self.params[name].add_(change.to(self.s.dtype))
             self.version[block] = round_
         if self.s.opts.download == "changed":
-            for u in updates:  # its copy now holds every aggregate before this round
+            for u in blocks:  # its copy now holds every aggregate before this round
                 self.synced[u.client] = round_ - 1
-        self.last_stats = {"blocks_updated": len(by_block)}
+        return {"blocks_updated": len(by_block)}
 
     def global_model(self) -> nn.Module:
         return self.model
@@ -264,7 +272,7 @@ class FedCyBGDServer:
         self.synced = {int(c): int(s) for c, s in state["synced"].tolist()}
 
     def save_final(self, path: Path) -> None:
-        self.model.save_pretrained(path)
+        save_pretrained(self.model, path)
 
 
 class FedCyBGDClient:
@@ -275,11 +283,10 @@ class FedCyBGDClient:
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
         self.s = _Structure(ctx, ctx.build_model())
-        self.last_stats: dict[str, float] = {}
 
     def update(
         self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
-    ) -> bytes:
+    ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
         model, slot, received = self.load(round_, client, downlink, store)
@@ -291,28 +298,29 @@ class FedCyBGDClient:
 
         w = Writer().u32(data.num_samples).f32(change.loss).u64(block_digest(change.start.values()))
         gen = seeded_generator(data.seed, "uplink")
-        write_values(w, self.s.layouts[block], change.delta, wire_dtype=self.s.wire_dtype, chain=self.s.up,
-                     generator=gen)
-        self.last_stats = {
-            "block": block, "blocks_received": received, "trained_params": self.s.layouts[block].numel,
+        write_values(w, self.s.layouts[block], change.delta, wire_dtype=self.s.wire_dtype,
+                     chain=self.s.up, generator=gen)
+        return ClientResult(w.getvalue(), stats={
+            "block": block, "blocks_received": received,
+            "trained_params": self.s.layouts[block].numel,
             "train_seconds": change.seconds,
             "seconds_per_step": change.seconds / self.ctx.cfg.clients.local_steps,
-        }
-        return encode_message(self.s.name, round_, Direction.UP, w.getvalue())
+        })
 
     @torch.no_grad()
     def load(
         self, round_: int, client: int, downlink: bytes, store: ClientStore
     ) -> tuple[nn.Module, int, int]:
-        """The model this downlink stands for: pretrained, then the blocks in the store
-        (``changed`` only), then the blocks that came down (kept in the store for next
-        time). Returns it with the client's slot and the number of blocks received."""
+        """The model this downlink body stands for: pretrained, then the blocks in the
+        store (``changed`` only), then the blocks that came down (kept in the store for
+        next time). Returns it with the client's slot and the number of blocks received."""
         what = f"downlink to client {client}"
-        r = open_message(self.ctx, downlink, round_, Direction.DOWN, what)
+        r = Reader(downlink, what)
         check_fingerprint(r.u64("fingerprint"), self.s.universe, what)
         slot, since = r.u32("slot"), r.u32("since")
         sent = set(self.s.read_mask(r))
-        values = r.tensor("weights", count=sum(self.s.layouts[b].numel for b in sent), dtype=self.s.dtype)
+        count = sum(self.s.layouts[b].numel for b in sent)
+        values = r.tensor("weights", count=count, dtype=self.s.dtype)
         r.finish()
         keep = self.s.opts.download == "changed"
         if keep and since > 0:

@@ -22,7 +22,9 @@ from fedbits.methods.registry import register
 class FedITOptions(DenseOptions):
     lora_r: int = Field(16, ge=1, description="LoRA rank r")
     lora_alpha: float = Field(16, gt=0, description="LoRA scale: the adapter adds (alpha / r)·B·A")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path while training")
+    lora_dropout: float = Field(
+        0.05, ge=0, lt=1, description="dropout on the LoRA path while training"
+    )
     target_modules: list[str] | None = Field(
         None, description="module names to adapt; None = peft's default for the architecture"
     )
@@ -34,7 +36,7 @@ def add_lora(model: nn.Module, opts: FedITOptions) -> nn.Module:
 
     config = LoraConfig(
         r=opts.lora_r,
-        lora_alpha=opts.lora_alpha,
+        lora_alpha=opts.lora_alpha,  # type: ignore[arg-type]  # peft says int; any scale works
         lora_dropout=opts.lora_dropout,
         target_modules=opts.target_modules,
         task_type="CAUSAL_LM",

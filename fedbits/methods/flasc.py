@@ -40,13 +40,17 @@ logger = logging.getLogger(__name__)
 class FlascOptions(FedITOptions):
     sparsifies_uplink: ClassVar[bool] = True
     density_up: float = Field(1 / 16, gt=0, le=1, description="ρ_u: fraction of the change sent up")
-    density_down: float = Field(1 / 16, gt=0, le=1, description="ρ_d: fraction of the weights sent down")
+    density_down: float = Field(
+        1 / 16, gt=0, le=1, description="ρ_d: fraction of the weights sent down"
+    )
     density_decay: float = Field(1.0, gt=0, le=1, description="densities shrink by this factor ...")
     decay_every: int = Field(1, ge=1, description="... every this many rounds")
     client_freeze: bool = Field(False, description="train only the received positions")
     freeze_a: bool = Field(False, description="FFA-LoRA: LoRA A stays at its initialisation")
     # FLASC's settings where they differ from the other dense methods
-    lora_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA path while training")
+    lora_dropout: float = Field(
+        0.1, ge=0, lt=1, description="dropout on the LoRA path while training"
+    )
     server_opt: ServerOptName = Field(
         "fedadam", description="the server's rule on the mean change; FLASC's is fedadam "
         "(avg drifts over a sparse download)"
@@ -55,11 +59,13 @@ class FlascOptions(FedITOptions):
         ADAPTIVE_SERVER_LR, gt=0, description="the server optimizer's rate; unset, it follows "
         f"server_opt: {ADAPTIVE_SERVER_LR:g} for the adaptive rules, 1.0 for avg and fedavgm"
     )
-    server_beta2: float = Field(0.999, ge=0, lt=1, description="the adaptive rules' second-moment decay")
+    server_beta2: float = Field(
+        0.999, ge=0, lt=1, description="the adaptive rules' second-moment decay"
+    )
     server_eps: float = Field(1e-8, gt=0, description="the adaptive rules' tau (Adam's eps)")
 
     @model_validator(mode="after")
-    def _value_stages_only(self) -> "FlascOptions":
+    def _value_stages_only(self) -> FlascOptions:
         for field in ("uplink", "downlink"):
             # the registry knows each stage's role, so a plugin sparsifier is caught too
             if parse_chain(getattr(self, field), f"method.{field}").is_sparse:
@@ -81,7 +87,8 @@ def flasc_chains(opts: FlascOptions) -> ChainPlan:
     @lru_cache(maxsize=8)
     def chain(density: float, direction: Direction) -> Chain:
         extra = opts.uplink if direction == Direction.UP else opts.downlink
-        return parse_chain([f"topk:{density!r}", *extra], field=f"method.{direction.name.lower()}link")
+        return parse_chain([f"topk:{density!r}", *extra],
+                           field=f"method.{direction.name.lower()}link")
 
     return lambda round_, direction: chain(opts.density(round_, direction), direction)
 

@@ -45,7 +45,6 @@ from fedbits.methods._blocks import (
     Cohort,
     Subset,
     SubsetOptions,
-    open_message,
     read_values,
     subset_from_options,
     train_only,
@@ -56,18 +55,26 @@ from fedbits.methods._updates import (
     DownlinkFill,
     check_change,
     load_optimizer_checkpoint,
+    narrow,
     optimizer_checkpoint,
+    save_pretrained,
     seeded_generator,
     train_change,
     weighted_change,
 )
 from fedbits.methods.base import (
-    ClientData, ClientStore, ClientUpdate, MethodContext, MethodSpec, refuse_float16_adamw,
+    ClientData,
+    ClientResult,
+    ClientStore,
+    ClientUpdate,
+    MethodContext,
+    MethodSpec,
+    refuse_float16_adamw,
 )
 from fedbits.methods.fedit import FedITOptions, add_lora
 from fedbits.methods.registry import register
 from fedbits.server_opt import apply_pseudo_gradient, make_server_optimizer
-from fedbits.wire import Direction, Layout, Writer, encode_message
+from fedbits.wire import Layout, Reader, Writer
 
 
 class PartialOptions(FedITOptions, SubsetOptions):
@@ -75,7 +82,9 @@ class PartialOptions(FedITOptions, SubsetOptions):
         default_factory=lambda: ["int8"],
         description="codec chain for the trained block's change ([] sends wire_dtype values)",
     )
-    lora: bool = Field(False, description="train LoRA adapters (lora_* options) instead of the weights")
+    lora: bool = Field(
+        False, description="train LoRA adapters (lora_* options) instead of the weights"
+    )
 
     def check_config(self, cfg: Config) -> None:
         if not self.lora:
@@ -91,7 +100,9 @@ class _PartialHalf:
         model = ctx.build_model()
         self.model = add_lora(model, opts) if opts.lora else model
         # with LoRA only the adapters are candidates (peft froze the rest), else every weight
-        candidates = {n: p for n, p in self.model.named_parameters() if p.requires_grad or not opts.lora}
+        candidates = {
+            n: p for n, p in self.model.named_parameters() if p.requires_grad or not opts.lora
+        }
         self.subset: Subset = subset_from_options(
             list(candidates), opts, seed=ctx.cfg.run.seed, cohort=ctx.cfg.clients_per_round(),
             model_name=f"model {ctx.cfg.model.name!r}",
@@ -101,16 +112,18 @@ class _PartialHalf:
         self.layout = Layout.of(self.params)
         self.fill = DownlinkFill(opts.downlink_base, self.params)
         self.wire_dtype: torch.dtype = getattr(torch, opts.wire_dtype)
-        self.up: Chain | None = parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
+        self.up: Chain | None = (
+            parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
+        )
         self.down: Chain | None = (
             parse_chain(opts.downlink, field="method.downlink") if opts.downlink else None
         )
         self._block_layouts: dict[int, Layout] = {}
-        self.last_stats: dict[str, float] = {}
 
     def block_layout(self, block: int) -> Layout:
         if block not in self._block_layouts:
-            self._block_layouts[block] = Layout.of({n: self.params[n] for n in self.subset.blocks[block]})
+            names = self.subset.blocks[block]
+            self._block_layouts[block] = Layout.of({n: self.params[n] for n in names})
         return self._block_layouts[block]
 
 
@@ -129,12 +142,11 @@ class PartialServer(_PartialHalf):
             write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
                          chain=self.down, generator=gen)
             self._values = (round_, w.getvalue())
-        body = Writer().u32(slot).raw(self._values[1]).getvalue()
-        return encode_message(self.name, round_, Direction.DOWN, body)
+        return Writer().u32(slot).raw(self._values[1]).getvalue()
 
-    def decode_uplink(self, round_: int, client: int, payload: bytes) -> DeltaUpdate:
+    def decode_uplink(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
         sender = f"client {client} uplink"
-        r = open_message(self.ctx, payload, round_, Direction.UP, sender)
+        r = Reader(body, sender)
         block, _ = self.subset.select(round_, self.cohort.slot(round_, client, sender))
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
@@ -145,18 +157,19 @@ class PartialServer(_PartialHalf):
         return DeltaUpdate(client, num_samples, train_loss, dict(delta))  # the block's tensors
 
     @torch.no_grad()
-    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None:
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
         """Per tensor, the sample-weighted mean change of the clients that trained it;
         one server step on those tensors only."""
+        deltas = narrow(updates, DeltaUpdate)
         names, means = [], []
         for name, p in self.params.items():
-            writers = [u for u in updates if name in u.delta]
+            writers = [u for u in deltas if name in u.delta]
             if writers:
                 names.append(name)
                 means.append(weighted_change(writers, name, p))
         apply_pseudo_gradient(self.optimizer, [self.params[n] for n in names], means)
         self._values = None
-        self.last_stats = {"tensors_updated": len(names)}
+        return {"tensors_updated": len(names)}
 
     def global_model(self) -> nn.Module:
         return self.model
@@ -169,7 +182,7 @@ class PartialServer(_PartialHalf):
         self._values = None
 
     def save_final(self, path: Path) -> None:
-        self.model.save_pretrained(path)
+        save_pretrained(self.model, path)
 
 
 class PartialClient(_PartialHalf):
@@ -178,10 +191,10 @@ class PartialClient(_PartialHalf):
 
     def update(
         self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
-    ) -> bytes:
+    ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
-        r = open_message(self.ctx, downlink, round_, Direction.DOWN, f"downlink to client {client}")
+        r = Reader(downlink, f"downlink to client {client}")
         slot = r.u32("slot")
         received = read_values(r, self.layout, wire_dtype=self.wire_dtype, chain=self.down,
                                field="weights")
@@ -196,16 +209,16 @@ class PartialClient(_PartialHalf):
         w = Writer().u32(data.num_samples).f32(change.loss)
         feedback = None
         if self.up is not None and self.opts.error_feedback:
-            feedback = ErrorFeedback(store, f"{self.name}-residual-{block}", self.block_layout(block).numel)
+            feedback = ErrorFeedback(store, f"{self.name}-residual-{block}",
+                                     self.block_layout(block).numel)
         gen = seeded_generator(data.seed, "uplink")
-        write_values(w, self.block_layout(block), change.delta, wire_dtype=self.wire_dtype, chain=self.up,
-                     generator=gen, feedback=feedback)
-        self.last_stats = {
+        write_values(w, self.block_layout(block), change.delta, wire_dtype=self.wire_dtype,
+                     chain=self.up, generator=gen, feedback=feedback)
+        return ClientResult(w.getvalue(), stats={
             "block": block, "trained_params": self.block_layout(block).numel,
             "train_seconds": change.seconds,
             "seconds_per_step": change.seconds / self.ctx.cfg.clients.local_steps,
-        }
-        return encode_message(self.name, round_, Direction.UP, w.getvalue())
+        })
 
 
 register(

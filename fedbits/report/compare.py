@@ -123,7 +123,7 @@ def eval_set_differences(runs: Sequence[Run]) -> list[str]:
     the setting does not apply to that run). Empty when all scored the same examples."""
     specs = [eval_set(run.config) for run in runs]
     keys = list(dict.fromkeys(key for spec in specs for key in spec))
-    named = list(zip([run.name for run in runs], specs))
+    named = list(zip([run.name for run in runs], specs, strict=True))
     return [
         f"{key}: " + ", ".join(f"{name} {_setting(spec, key)}" for name, spec in named)
         for key in keys
@@ -187,5 +187,6 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _text_row(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(
-        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        c.ljust(w) if i < 2 else c.rjust(w)
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
     ).rstrip()

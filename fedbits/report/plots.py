@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
@@ -28,8 +29,15 @@ from matplotlib.ticker import Formatter, LogLocator, MaxNLocator, NullFormatter
 from fedbits.report.fmt import PERCENT_METRICS, format_bytes, metric_axis_label
 from fedbits.report.run import Run
 
+
+class _LineStyle(TypedDict):
+    linestyle: str
+    linewidth: float
+    alpha: float
+
+
 _DPI = 110
-_BASE_LINE = {"linestyle": "--", "linewidth": 1.0, "alpha": 0.7}
+_BASE_LINE: _LineStyle = {"linestyle": "--", "linewidth": 1.0, "alpha": 0.7}
 _MAX_BYTE_TICKS = 7
 """Byte tick labels at most: "100.0 KB" is wide, and seven fit a 7-inch axis with room."""
 _MIN_PERCENT_SPAN = 1.0
@@ -55,8 +63,8 @@ def metric_vs_round_figure(run: Run) -> Figure:
     """One subplot per eval metric the run recorded, metric against round."""
     metrics = run.metrics()
     fig, axes = _metric_figure(metrics, f"{run.name} ({run.method}): eval metrics by round")
-    for ax, metric in zip(axes, metrics):
-        rounds, _, values = zip(*run.series(metric))
+    for ax, metric in zip(axes, metrics, strict=True):
+        rounds, _, values = zip(*run.series(metric), strict=True)
         ax.plot(rounds, values, marker="o", clip_on=False)
         _finish_metric_axis(ax, metric)
     if metrics:
@@ -70,7 +78,7 @@ def metric_vs_bytes_figure(run: Run) -> Figure:
     metrics = run.metrics()
     fig, axes = _metric_figure(metrics, f"{run.name} ({run.method}): eval metrics by bytes sent")
     xs: list[int] = []
-    for ax, metric in zip(axes, metrics):
+    for ax, metric in zip(axes, metrics, strict=True):
         xs += _plot_series_vs_bytes(ax, run, metric, "C0", "rounds >= 1", "round 0 (base)")
         _finish_metric_axis(ax, metric)
     if metrics:
@@ -83,7 +91,7 @@ def compare_figure(runs: Sequence[Run], metrics: Sequence[str]) -> Figure:
     (log when the runs span more than a decade, as methods that compress usually do)."""
     fig, axes = _metric_figure(metrics, "quality vs bytes (dashed: each run's round-0 base)")
     xs: list[int] = []
-    for ax, metric in zip(axes, metrics):
+    for ax, metric in zip(axes, metrics, strict=True):
         for i, run in enumerate(runs):
             if metric in run.metrics():
                 label = f"{run.name} ({run.method})"
@@ -123,7 +131,7 @@ def _plot_series_vs_bytes(
     trained = [(x, v) for _, x, v in series if x > 0]
     base = [v for _, x, v in series if x == 0]
     if trained:
-        xs, values = zip(*trained)
+        xs, values = zip(*trained, strict=True)
         ax.plot(xs, values, marker="o", color=color, label=label, clip_on=False)
     if base:
         ax.axhline(base[-1], color=color, label=base_label, **_BASE_LINE)
@@ -176,7 +184,7 @@ def _figure_legend(fig: Figure, axes: Sequence[Axes]) -> None:
     """One legend below the plots, listing each label once, whichever subplot drew it."""
     entries: dict[str, Artist] = {}
     for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     fig.legend(
         list(entries.values()), list(entries.keys()),
@@ -191,7 +199,8 @@ class _ByteFormatter(Formatter):
     _digits = 1
 
     def set_locs(self, locs: Sequence[float]) -> None:
-        super().set_locs(locs)
+        # matplotlib's stub says list[float]; format_ticks passes the locator's ndarray
+        super().set_locs(locs)  # type: ignore[arg-type]
         shown = [x for x in locs if _is_byte_count(x)]
         self._digits = next(
             (d for d in (1, 2) if len({format_bytes(x, d) for x in shown}) == len(shown)), 3

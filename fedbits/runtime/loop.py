@@ -1,13 +1,19 @@
 """The round loop every runtime shares: what happens to a run's bytes between rounds.
 
 One round: sample clients (seeded by run seed and round, so a resumed run samples
-the same), let the runtime's :meth:`RoundLoop.exchange` deliver each chosen client's
-downlink and bring back its uplink (in this process for the simulator, over Flower
-for real nodes), record every payload that crossed in the ledger, reject bad clients
-without stopping the round, aggregate, evaluate, append a metrics row, checkpoint,
-then let the runtime commit the clients' store writes. Sampling, ledger, rejection,
-metrics and checkpoints live here once, so both runtimes produce the same run
-directory; :mod:`.simulation` and :mod:`.flower.server_app` only move bytes.
+the same); encode and seal every chosen client's downlink; let the runtime's
+:meth:`RoundLoop.exchange` deliver them and bring back the uplinks (in this process
+for the simulator, over Flower for real nodes); record every payload that crossed in
+the ledger; open each uplink's envelope and decode it, rejecting bad clients without
+stopping the round; aggregate, evaluate, append a metrics row, checkpoint, then let
+the runtime commit the clients' store writes. Sampling, the envelope and the size
+limit on the server's side, the order of delivery, ledger, rejection, metrics and
+checkpoints live here once, so both runtimes produce the same run directory;
+:mod:`.simulation` and :mod:`.flower.server_app` only move bytes.
+
+The order rule: every downlink of a round is encoded before any uplink of it is
+decoded, in every runtime, so a method whose downlink reads state that
+``decode_uplink`` changes sends the same bytes in the simulator and on Flower.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import resource
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from transformers import PreTrainedModel
 
 from fedbits.data.format import Tokenized
 from fedbits.errors import ConfigError, FedbitsError, NoUpdateAccepted
@@ -30,9 +37,10 @@ from fedbits.methods import ClientData, ClientUpdate, get_method
 from fedbits.progress import progress
 from fedbits.report.fmt import format_bytes
 from fedbits.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, truncate_to
+from fedbits.runtime.client import Reply, checked_stats
 from fedbits.runtime.setup import RunSetup
 from fedbits.seeding import derive_seed
-from fedbits.wire import Ledger
+from fedbits.wire import Direction, Ledger, open_envelope, seal
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +71,8 @@ def describe_error(e: Exception) -> str:
     return str(e) if isinstance(e, FedbitsError) else f"{type(e).__name__}: {e}"
 
 
-@dataclass
-class Reply:
-    """What came back from one client: its uplink, or why there is none."""
-
-    uplink: bytes | None = None
-    error: str = ""
-    stats: dict[str, float] = field(default_factory=dict)  # what the method measured
-    truncated: int = 0  # the client's training examples that max_length cut
-
-
-Settle = Callable[[int, "bytes | None", Reply], None]
-"""``settle(client, downlink, reply)``: book one client's round (downlink None: none sent)."""
+Settle = Callable[[int, bytes, Reply], None]
+"""``settle(client, downlink, reply)``: book one client's round once its reply is in."""
 
 
 def _summary_line(row: dict[str, Any], rounds: int) -> str:
@@ -85,7 +83,8 @@ def _summary_line(row: dict[str, Any], rounds: int) -> str:
             f"clients {len(row['clients'])}"
             + (f" ({len(row['rejected'])} rejected)" if row["rejected"] else ""),
             f"up {format_bytes(row['bytes_up'])} ({format_bytes(row['bytes_up'] / n)}/client)",
-            f"down {format_bytes(row['bytes_down'])} ({format_bytes(row['bytes_down'] / n)}/client)",
+            f"down {format_bytes(row['bytes_down'])} "
+            f"({format_bytes(row['bytes_down'] / n)}/client)",
         ]
         if row["train_loss"] is not None:
             parts.append(f"train_loss {row['train_loss']:.4f}")
@@ -107,27 +106,25 @@ class RoundLoop(ABC):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.ledger = Ledger(run_dir / "ledger.jsonl")
         self.cum_bytes = 0
+        # the last body sealed and its payload: a method that gives every client of a
+        # round the same body object gets one sealed copy, not one per client
+        self._sealed: tuple[bytes, bytes] | None = None
 
     # -- what a runtime provides ----------------------------------------------------
     @abstractmethod
-    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
-        """Deliver each client's downlink (:meth:`encode_downlink`) and pass what came
-        back to ``settle``, once per client, in the order of ``clients``.
+    def exchange(self, round_: int, downlinks: dict[int, bytes], settle: Settle) -> None:
+        """Deliver each client's sealed downlink and pass what came back to ``settle``,
+        once per client, in the order of ``downlinks``.
 
-        The simulator settles a client before it encodes the next one's downlink, so a
-        round holds one downlink at a time; a distributed runtime sends them all first.
+        Every downlink of the round is already encoded (the order rule), so a runtime
+        may send them in any order or all at once; only settling is ordered.
         """
 
-    def encode_downlink(self, round_: int, client: int) -> bytes | Reply:
-        """The client's downlink, or (a bad client never stops the round) why there is none."""
-        try:
-            return self.server.downlink(round_, client)
-        except Exception as e:
-            return Reply(error=describe_error(e))
-
+    @abstractmethod
     def commit_clients(self, round_: int) -> None:
         """Round ``round_`` is checkpointed: the clients' store writes of it may commit."""
 
+    @abstractmethod
     def recover_clients(self, round_: int) -> None:
         """Resuming after ``round_``: keep the store writes up to it, drop later ones."""
 
@@ -171,6 +168,42 @@ class RoundLoop(ABC):
         rejected[str(client)] = reason
         logger.warning("round %d: client %d rejected: %s", round_, client, reason)
 
+    def _seal_downlink(self, round_: int, client: int) -> bytes:
+        """The method's body for ``client``, sealed; over ``runtime.max_payload_mb`` it
+        is refused here, before anything is sent."""
+        body = self.server.downlink(round_, client)
+        if self._sealed is not None and self._sealed[0] is body:
+            return self._sealed[1]  # sealed, and within the limit, for an earlier client
+        payload = seal(self.cfg.method.name, round_, Direction.DOWN, body,
+                       limit=self.setup.max_payload_bytes, what=f"downlink to client {client}")
+        self._sealed = (body, payload)
+        return payload
+
+    def _open_uplink(self, round_: int, client: int, payload: bytes) -> ClientUpdate:
+        """The server half's update from a sealed uplink; raises to reject the client."""
+        body = open_envelope(payload, method=self.cfg.method.name, round_=round_,
+                             direction=Direction.UP, limit=self.setup.max_payload_bytes,
+                             what=f"client {client} uplink")
+        return self.server.decode_uplink(round_, client, body)
+
+    def _exchange_round(
+        self, round_: int, clients: list[int], settle: Callable[[int, bytes | None, Reply], None]
+    ) -> None:
+        """Every downlink sealed first (the order rule), then the runtime's exchange; a
+        client whose downlink could not be made is settled at once. The round's
+        downlinks are dropped when this returns, before aggregation."""
+        downlinks: dict[int, bytes] = {}
+        try:
+            for client in clients:
+                try:
+                    downlinks[client] = self._seal_downlink(round_, client)
+                except Exception as e:  # a bad client never stops the round
+                    settle(client, None, Reply(error=describe_error(e)))
+        finally:
+            self._sealed = None
+        if downlinks:
+            self.exchange(round_, downlinks, settle)
+
     def run_round(self, round_: int) -> dict[str, Any]:
         start = time.perf_counter()
         chosen = sample_clients(self.setup, round_)
@@ -193,13 +226,15 @@ class RoundLoop(ABC):
                          "".join(f", {k} {v:.4g}" for k, v in reply.stats.items()))
             client_stats[str(client)] = reply.stats
             try:
-                updates.append(self.server.decode_uplink(round_, client, reply.uplink))
+                updates.append(self._open_uplink(round_, client, reply.uplink))
             except Exception as e:  # a bad client never stops the round
                 self._reject(round_, client, describe_error(e), rejected)
 
-        self.exchange(round_, chosen, settle)
+        self._exchange_round(round_, chosen, settle)
+        server_stats: dict[str, float] = {}
         if updates:
-            self.server.aggregate(round_, updates)
+            server_stats = checked_stats(self.server.aggregate(round_, updates),
+                                         f"method {self.cfg.method.name!r}: aggregate")
         else:
             logger.warning("round %d: no valid update; the global model is unchanged", round_)
         book = self.ledger.rounds.pop(round_, None)
@@ -222,14 +257,17 @@ class RoundLoop(ABC):
             ),
             "truncated": truncated,
             "train_seconds": time.perf_counter() - start,
-            # what a method measures inside its halves (e.g. FedKSeed's replay time)
+            # what a method measures inside its halves (e.g. FedKSeed's replay time),
+            # each under its own key: nothing a method reports can replace a runtime key
             "client_stats": client_stats,
-            **dict(getattr(self.server, "last_stats", {}) if updates else {}),
+            "server_stats": server_stats,
         }
 
     def evaluate(self) -> dict[str, float]:
+        # a causal LM, or a PEFT model around one: evaluate calls it and generates with it
+        model = cast(PreTrainedModel, self.server.global_model())
         return evaluate(
-            self.server.global_model(),
+            model,
             self.setup.tokenizer,
             self.setup.eval_examples,
             self.setup.eval_items,
@@ -248,10 +286,12 @@ class RoundLoop(ABC):
         rounds = self.cfg.run.rounds
         if first_round == 0:
             start = time.perf_counter()
-            row = {"round": 0, "clients": [], "rejected": {}, "bytes_up": 0, "bytes_down": 0,
-                   "bytes_up_per_client": {}, "bytes_down_per_client": {}, "cum_bytes": 0,
-                   "train_loss": None, "eval_truncated": self.setup.eval_truncated,
-                   **self.evaluate()}
+            row: dict[str, Any] = {
+                "round": 0, "clients": [], "rejected": {}, "bytes_up": 0, "bytes_down": 0,
+                "bytes_up_per_client": {}, "bytes_down_per_client": {}, "cum_bytes": 0,
+                "train_loss": None, "eval_truncated": self.setup.eval_truncated,
+                **self.evaluate(),
+            }
             row.update(seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
             self._write_row(row)
             self._checkpoint(0)

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from transformers import PreTrainedModel
 
 from fedbits.config import Config
 from fedbits.data.examples import load_examples
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class RunSetup:
     cfg: Config
     tokenizer: Any
-    base_model: nn.Module
+    base_model: PreTrainedModel
     clients: list[list[Example]]
     eval_examples: list[Example]
     eval_items: list[Tokenized]
@@ -41,8 +41,14 @@ class RunSetup:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> PreTrainedModel:
         return copy.deepcopy(self.base_model)
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """``runtime.max_payload_mb`` in bytes: the runtime refuses a sealed payload over it
+        on both sides, before sending and before opening."""
+        return int(self.cfg.runtime.max_payload_mb * 1_000_000)
 
     def method_context(self) -> MethodContext:
         spec = get_method(self.cfg.method.name)
@@ -51,7 +57,6 @@ class RunSetup:
             options=spec.options.model_validate(self.cfg.method.options()),
             tokenizer=self.tokenizer,
             build_model=self.build_model,
-            max_payload_bytes=int(self.cfg.runtime.max_payload_mb * 1_000_000),
         )
 
     def eligible_clients(self) -> list[int]:

@@ -1,8 +1,11 @@
 """The embedded simulator: every sampled client trains in this process, one after
-another, and every message is still encoded to bytes and counted.
+another, and every message is still sealed to bytes, opened and counted.
 
-The round itself (sampling, ledger, rejection, metrics, checkpoints) is the shared
-:class:`~fedbits.runtime.loop.RoundLoop`; this runtime only carries the bytes.
+The round itself (sampling, sealing every downlink before any uplink is decoded,
+ledger, rejection, metrics, checkpoints) is the shared
+:class:`~fedbits.runtime.loop.RoundLoop`, and each client's side is the shared
+:func:`~fedbits.runtime.client.run_client` a Flower node runs too; this runtime only
+carries the bytes.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from pathlib import Path
 
 from fedbits.methods import get_method
 from fedbits.progress import progress
-from fedbits.runtime.loop import Reply, RoundLoop, Settle, client_data, describe_error
+from fedbits.runtime.client import Reply, run_client
+from fedbits.runtime.loop import RoundLoop, Settle, client_data, describe_error
 from fedbits.runtime.setup import RunSetup
 from fedbits.runtime.store import ClientStores
+
+__all__ = ["Reply", "Settle", "Simulation"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +33,13 @@ class Simulation(RoundLoop):
         self.client = get_method(self.cfg.method.name).client(setup.method_context())
         self.stores = ClientStores(run_dir / "client_store")
 
-    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
+    def exchange(self, round_: int, downlinks: dict[int, bytes], settle: Settle) -> None:
+        """Train each client on its downlink and settle it before training the next, so
+        a round holds one uplink at a time."""
         # a round of many clients on a large model takes a long time between summaries
-        with progress(f"round {round_}", len(clients), "clients", logger=logger) as shown:
-            for client in clients:
-                down = self.encode_downlink(round_, client)
-                if isinstance(down, Reply):
-                    settle(client, None, down)
-                else:
-                    settle(client, down, self._train(round_, client, down))
+        with progress(f"round {round_}", len(downlinks), "clients", logger=logger) as shown:
+            for client, downlink in downlinks.items():
+                settle(client, downlink, self._train(round_, client, downlink))
                 shown.update()
 
     def _train(self, round_: int, client: int, downlink: bytes) -> Reply:
@@ -43,11 +47,12 @@ class Simulation(RoundLoop):
             items, truncated = self.setup.tokenize(self.setup.clients[client])
             data = client_data(self.setup, items, round_, client)
             store = self.stores.for_client(client, round_)
-            uplink = self.client.update(round_, client, downlink, data, store)
-            return Reply(uplink, stats=dict(getattr(self.client, "last_stats", {})),
-                         truncated=truncated)
+            reply = run_client(self.client, self.cfg.method.name, round_, client, downlink,
+                               data, store, self.setup.max_payload_bytes)
         except Exception as e:  # a bad client never stops the round
             return Reply(error=describe_error(e))
+        reply.truncated = truncated
+        return reply
 
     def commit_clients(self, round_: int) -> None:
         self.stores.commit(round_)

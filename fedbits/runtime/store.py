@@ -20,7 +20,7 @@ _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 
 class DiskClientStore:
-    def __init__(self, stores: "ClientStores", client: int, round_: int) -> None:
+    def __init__(self, stores: ClientStores, client: int, round_: int) -> None:
         self._committed = stores.root / "committed" / str(client)
         self._pending = stores.root / "pending" / str(round_) / str(client)
 

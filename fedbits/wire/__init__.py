@@ -1,9 +1,14 @@
-"""Payload encoding/decoding (versioned, strict, bounded) and the byte ledger."""
+"""Payload encoding/decoding (versioned, strict, bounded) and the byte ledger.
+
+Methods write and read their bodies with :class:`Writer`/:class:`Reader` and
+:func:`write_tensors`/:func:`read_tensors`; the runtime alone seals and opens the
+envelope (:mod:`.envelope`) and records the ledger.
+"""
 
 from fedbits.wire.codec import Reader, Writer
+from fedbits.wire.envelope import Direction, header_size, open_envelope, seal
 from fedbits.wire.layout import Layout, read_tensors, write_tensors
 from fedbits.wire.ledger import Ledger
-from fedbits.wire.message import Direction, decode_message, encode_message, header_size
 
 __all__ = [
     "Direction",
@@ -11,9 +16,9 @@ __all__ = [
     "Ledger",
     "Reader",
     "Writer",
-    "decode_message",
-    "encode_message",
     "header_size",
+    "open_envelope",
     "read_tensors",
+    "seal",
     "write_tensors",
 ]

@@ -60,41 +60,41 @@ class Writer:
     def __init__(self) -> None:
         self._parts: list[bytes] = []
 
-    def u8(self, v: int) -> "Writer":
+    def u8(self, v: int) -> Writer:
         self._parts.append(struct.pack("<B", v))
         return self
 
-    def u32(self, v: int) -> "Writer":
+    def u32(self, v: int) -> Writer:
         self._parts.append(struct.pack("<I", v))
         return self
 
-    def u64(self, v: int) -> "Writer":
+    def u64(self, v: int) -> Writer:
         self._parts.append(struct.pack("<Q", v))
         return self
 
-    def f32(self, v: float) -> "Writer":
+    def f32(self, v: float) -> Writer:
         self._parts.append(struct.pack("<f", v))
         return self
 
-    def f64(self, v: float) -> "Writer":
+    def f64(self, v: float) -> Writer:
         self._parts.append(struct.pack("<d", v))
         return self
 
-    def raw(self, b: bytes) -> "Writer":
+    def raw(self, b: bytes) -> Writer:
         self._parts.append(bytes(b))
         return self
 
-    def blob(self, b: bytes) -> "Writer":
+    def blob(self, b: bytes) -> Writer:
         """Length-prefixed bytes (u32 length)."""
         return self.u32(len(b)).raw(b)
 
-    def text(self, s: str) -> "Writer":
+    def text(self, s: str) -> Writer:
         data = s.encode("utf-8")
         if len(data) > 255:
             raise WireError(f"text field too long for the wire ({len(data)} > 255 bytes)")
         return self.u8(len(data)).raw(data)
 
-    def tensor(self, t: torch.Tensor) -> "Writer":
+    def tensor(self, t: torch.Tensor) -> Writer:
         """dtype code (u8), element count (u64), raw values. Shape is not sent: both
         sides derive it from the model (see :class:`fedbits.wire.layout.Layout`)."""
         return self.u8(dtype_code(t.dtype)).u64(t.numel()).raw(tensor_bytes(t))

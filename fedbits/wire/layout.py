@@ -9,6 +9,7 @@ fingerprint or value count differs from its own layout.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -24,7 +25,7 @@ class Layout:
     shapes: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor]) -> "Layout":
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> Layout:
         return cls(tuple(tensors), tuple(tuple(t.shape) for t in tensors.values()))
 
     @cached_property
@@ -40,11 +41,11 @@ class Layout:
     @cached_property
     def fingerprint(self) -> int:
         h = hashlib.sha256()
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             h.update(f"{name}:{','.join(map(str, shape))};".encode())
         return int.from_bytes(h.digest()[:8], "little")
 
-    def flatten(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def flatten(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         if tuple(tensors) != self.names:
             raise WireError("tensor set does not match the layout (names or order differ)")
         return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors.values()])
@@ -52,7 +53,7 @@ class Layout:
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         offset = 0
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             n = 1
             for d in shape:
                 n *= d
@@ -62,7 +63,7 @@ class Layout:
 
 
 def write_tensors(
-    w: Writer, layout: Layout, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+    w: Writer, layout: Layout, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> None:
     """Fingerprint (u64) then all values, flattened in layout order, as one tensor."""
     w.u64(layout.fingerprint).tensor(layout.flatten(tensors, dtype))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from functools import lru_cache
+from functools import cache
 from statistics import NormalDist
 from typing import Literal
 
@@ -38,7 +38,7 @@ TABLE_SCALE = 4096  # every table value is an integer / TABLE_SCALE
 _MASK32 = 0xFFFFFFFF
 
 
-@lru_cache(maxsize=None)
+@cache
 def table_ints(distribution: Distribution) -> tuple[int, ...]:
     """The table as integers (value × 4096), antisymmetric: t[4095-j] = -t[j]."""
     half = TABLE_SIZE // 2
@@ -61,7 +61,7 @@ _TABLE_SHA256 = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def table(distribution: Distribution) -> torch.Tensor:
     """The 4096 direction values as float32 (exact: multiples of 1/4096)."""
     ints = table_ints(distribution)

@@ -15,14 +15,19 @@ import torch
 
 from fedbits.zo import native
 from fedbits.zo.generator import (
-    Distribution, direction, indices, max_abs_int, table, table_ints,
+    Distribution,
+    direction,
+    indices,
+    max_abs_int,
+    table,
+    table_ints,
 )
 
 
 def fill(key: int, start: int, n: int, dist: Distribution) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32)
     if native.usable(out):
-        lib, t = native.library(), table(dist)
+        lib, t = native.loaded(), table(dist)
         lib.zo_fill(key, start, n, native.ptr(t), native.ptr(out))
         return out
     return direction(key, start, n, dist)
@@ -41,11 +46,12 @@ def perturb_pair(
     """(w + eps·z, w - eps·z), written to ``out`` (two tensors like w) or new tensors."""
     plus, minus = _outputs(w, out)
     if native.usable(w):
-        lib, t = native.library(), table(dist)
+        lib, t = native.loaded(), table(dist)
         lib.zo_perturb_pair(key, start, w.numel(), native.ptr(t), eps, native.ptr(w),
                             native.ptr(plus), native.ptr(minus))
         return plus, minus
-    ez = torch.tensor(eps, dtype=torch.float32, device=w.device) * direction(key, start, w.numel(), dist, w.device)
+    z = direction(key, start, w.numel(), dist, w.device)
+    ez = torch.tensor(eps, dtype=torch.float32, device=w.device) * z
     plus.copy_(w.float() + ez)
     minus.copy_(w.float() - ez)
     return plus, minus
@@ -56,7 +62,7 @@ def update_(
 ) -> None:
     """w ← w − lr·(g·z + wd·w), in place (float32 arithmetic)."""
     if native.usable(w):
-        lib, t = native.library(), table(dist)
+        lib, t = native.loaded(), table(dist)
         lib.zo_update(key, start, w.numel(), native.ptr(t), lr, g, wd, native.ptr(w))
         return
     f32 = lambda v: torch.tensor(v, dtype=torch.float32, device=w.device)  # noqa: E731
@@ -75,7 +81,7 @@ def update_perturb(
         update_(key_u, start, w, lr, g, wd, dist)
         return perturb_pair(key_p, start, w, eps, dist, out)
     plus, minus = _outputs(w, out)
-    lib, t = native.library(), table(dist)
+    lib, t = native.loaded(), table(dist)
     lib.zo_update_perturb(key_u, lr, g, wd, key_p, eps, start, w.numel(), native.ptr(t),
                           native.ptr(w), native.ptr(plus), native.ptr(minus))
     return plus, minus
@@ -113,20 +119,20 @@ def replay_(
         k = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.uint64).view(np.int64))
         cf = torch.from_numpy(np.ascontiguousarray(coefs, dtype=np.int64))
         en = torch.from_numpy(np.ascontiguousarray(ends, dtype=np.int64))
-        native.library().zo_replay(
+        native.loaded().zo_replay(
             len(k), native.ptr(k), native.ptr(cf), len(en), native.ptr(en),
             start, acc.numel(), native.ptr(table(dist)), native.ptr(acc),
         )
         return
     ints = torch.tensor(table_ints(dist), dtype=torch.int64, device=acc.device)
-    for key, c in zip(keys.tolist(), coefs.tolist()):
+    for key, c in zip(keys.tolist(), coefs.tolist(), strict=True):
         acc += c * ints[indices(key, start, acc.numel(), acc.device)]
 
 
 def apply(w0: torch.Tensor, acc: torch.Tensor, scale: float, out: torch.Tensor) -> None:
     """out = w0 − scale·acc, computed in float64 and rounded once to out's dtype."""
     if native.usable(w0, acc, out) and w0.dtype == out.dtype == torch.float32:
-        lib = native.library()
+        lib = native.loaded()
         lib.zo_apply(acc.numel(), native.ptr(w0), native.ptr(acc), scale, native.ptr(out))
         return
     out.copy_((w0.double() - scale * acc.double()).to(out.dtype))

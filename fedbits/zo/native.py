@@ -47,13 +47,14 @@ def _machine_tag() -> str:
     """-march=native code is only valid on this CPU: key the cached build by its flags."""
     cpu = ""
     try:
-        cpu = next(
-            (line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
-            "",
-        )
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line for line in lines if line.startswith("flags")), "")
     except OSError:
         pass
-    blob = SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(_torch_openmp()).encode() + cpu.encode() + platform.machine().encode()
+    blob = (
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + str(_torch_openmp()).encode()
+        + cpu.encode() + platform.machine().encode()
+    )
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -100,6 +101,14 @@ def library() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def loaded() -> ctypes.CDLL:
+    """The loaded kernels, for a caller that has checked :func:`usable`."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native zeroth-order kernels are not loaded: check usable()")
     return lib
 
 

@@ -59,7 +59,9 @@ class Replay:
     def __init__(self, model: nn.Module, keys: SeedKeys, distribution: Distribution) -> None:
         self.keys = keys
         self.distribution = distribution
-        self.acc = {n: torch.zeros(p.numel(), dtype=torch.int64) for n, p in model.named_parameters()}
+        self.acc = {
+            n: torch.zeros(p.numel(), dtype=torch.int64) for n, p in model.named_parameters()
+        }
         self.fix = np.zeros(len(keys.seeds), dtype=np.int64)
 
     def move_to(self, target_fix: np.ndarray) -> int:
@@ -72,7 +74,8 @@ class Replay:
             with progress(f"replaying {len(changed)} seeds", len(self.acc), "tensors",
                           logger=logger) as shown:
                 for name, acc in self.acc.items():
-                    kernels.replay_(self.keys(name)[changed], coefs, ends, 0, acc, self.distribution)
+                    keys = self.keys(name)[changed]
+                    kernels.replay_(keys, coefs, ends, 0, acc, self.distribution)
                     shown.update()
             self.fix = target_fix.copy()
         return len(changed)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,13 @@ class _Workspace:
         if like.dtype != torch.float32 or like.device.type != "cpu":
             return torch.empty_like(like), torch.empty_like(like)
         if self.used + 2 * n > self.buffer.numel():
-            self.buffer = torch.empty(max(2 * self.buffer.numel(), self.used + 2 * n, 4 * CHUNK_ELEMENTS))
+            self.buffer = torch.empty(
+                max(2 * self.buffer.numel(), self.used + 2 * n, 4 * CHUNK_ELEMENTS)
+            )
             self.used = 0
-        pair = self.buffer[self.used : self.used + n], self.buffer[self.used + n : self.used + 2 * n]
+        at = self.used
         self.used += 2 * n
-        return pair
+        return self.buffer[at : at + n], self.buffer[at + n : at + 2 * n]
 
 
 class ZeroOrderTrainer:
@@ -80,7 +83,7 @@ class ZeroOrderTrainer:
 
     # -- patching -------------------------------------------------------------------
     @contextmanager
-    def attached(self) -> Iterator["ZeroOrderTrainer"]:
+    def attached(self) -> Iterator[ZeroOrderTrainer]:
         """Route the model's parameterised leaf modules through the trainer, then undo it.
         Outside a step's forward the patched modules behave exactly as before."""
         patched = []
@@ -101,7 +104,9 @@ class ZeroOrderTrainer:
                 del module.forward
             self.finish()
 
-    def _leaf_forward(self, module: nn.Module, original: Any, x: torch.Tensor, *args: Any, **kwargs: Any):
+    def _leaf_forward(
+        self, module: nn.Module, original: Any, x: torch.Tensor, *args: Any, **kwargs: Any
+    ):
         if self._seed is None:
             return original(x, *args, **kwargs)
         parts = self._split(x)
@@ -115,7 +120,10 @@ class ZeroOrderTrainer:
             outs = []
             for half, part in enumerate(parts):
                 saved = dict(module._parameters)
-                module._parameters.update({n: pm[half] for n, pm in pairs.items()})
+                # plain tensors stand in for the parameters during this call (torch
+                # declares the dict as holding Parameters; forward only reads them)
+                swapped = cast(dict[str, torch.Tensor | None], module._parameters)
+                swapped.update({n: pm[half] for n, pm in pairs.items()})
                 try:
                     outs.append(original(part, *args, **kwargs))
                 finally:
@@ -143,6 +151,8 @@ class ZeroOrderTrainer:
     def _pair(self, name: str, p: torch.Tensor, start: int, n: int, debt: tuple[int, float] | None):
         """θ ± εz for elements start..start+n of p, paying ``debt`` on that slice first."""
         flat = p.data.view(-1)[start : start + n]
+        if self._seed is None:
+            raise RuntimeError(f"{name}: perturbed outside a zeroth-order step's forward")
         key = param_key(self._seed, name)
         out = self._workspace.take(flat)
         if debt is None:
@@ -164,7 +174,9 @@ class ZeroOrderTrainer:
         kernels.update_(param_key(seed_u, name), 0, p.data.view(-1), self.lr, g, self._decay(p),
                         self.distribution)
 
-    def _linear(self, module: nn.Linear, parts: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    def _linear(
+        self, module: nn.Linear, parts: tuple[torch.Tensor, torch.Tensor]
+    ) -> list[torch.Tensor]:
         w = module.weight
         name = self._name_of[id(w)]
         debt = self._owed.pop(name, None)
@@ -172,18 +184,24 @@ class ZeroOrderTrainer:
         rows = max(1, CHUNK_ELEMENTS // w.shape[1])
         if rows >= w.shape[0]:
             weights = self._pair(name, w, 0, w.numel(), debt)
-            return [F.linear(x, wt.view_as(w), bs) for x, wt, bs in zip(parts, weights, bias)]
+            return [
+                F.linear(x, wt.view_as(w), bs)
+                for x, wt, bs in zip(parts, weights, bias, strict=True)
+            ]
         outs = [x.new_empty(*x.shape[:-1], w.shape[0]) for x in parts]
         mark = self._workspace.used
         for r0 in range(0, w.shape[0], rows):
             r1 = min(r0 + rows, w.shape[0])
             self._workspace.used = mark  # this chunk's buffers replace the last one's
             weights = self._pair(name, w, r0 * w.shape[1], (r1 - r0) * w.shape[1], debt)
-            for out, x, wt, bs in zip(outs, parts, weights, bias):
-                out[..., r0:r1] = F.linear(x, wt.view(r1 - r0, w.shape[1]), None if bs is None else bs[r0:r1])
+            for out, x, wt, bs in zip(outs, parts, weights, bias, strict=True):
+                chunk_bias = None if bs is None else bs[r0:r1]
+                out[..., r0:r1] = F.linear(x, wt.view(r1 - r0, w.shape[1]), chunk_bias)
         return outs
 
-    def _embedding(self, module: nn.Embedding, parts: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    def _embedding(
+        self, module: nn.Embedding, parts: tuple[torch.Tensor, torch.Tensor]
+    ) -> list[torch.Tensor]:
         """Only the rows the batch looks up are perturbed (the update still covers all)."""
         w = module.weight
         name = self._name_of[id(w)]
@@ -213,7 +231,9 @@ class ZeroOrderTrainer:
         targets = labels[:, keep + 1]
         b = ids.shape[0]
         loss_plus, loss_minus = (
-            F.cross_entropy(logits[h * b : (h + 1) * b].flatten(0, 1).float(), targets.flatten()).item()
+            F.cross_entropy(
+                logits[h * b : (h + 1) * b].flatten(0, 1).float(), targets.flatten()
+            ).item()
             for h in (0, 1)
         )
         if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):

@@ -1,6 +1,6 @@
 """Block-wise training shared by ``partial`` and ``fedcybgd``: which parameters a
 client trains in a round (:mod:`.subset`), how decoder layers are found
-(:mod:`.layers`) and how a per-block tensor set travels (:mod:`.wire`)."""
+(:mod:`.layers`) and how a per-block tensor set travels in a body (:mod:`.wire`)."""
 
 from fedbits.methods._blocks.layers import decoder_layers, layer_of
 from fedbits.methods._blocks.subset import (
@@ -11,7 +11,7 @@ from fedbits.methods._blocks.subset import (
     subset_from_options,
     train_only,
 )
-from fedbits.methods._blocks.wire import open_message, read_values, segments, write_values
+from fedbits.methods._blocks.wire import read_values, segments, write_values
 
 __all__ = [
     "BlockSchedule",
@@ -20,7 +20,6 @@ __all__ = [
     "SubsetOptions",
     "decoder_layers",
     "layer_of",
-    "open_message",
     "read_values",
     "segments",
     "subset_from_options",

@@ -70,7 +70,8 @@ class BlockSchedule:
             return list(range(n))
         if self.order == "descending":
             return list(range(n - 1, -1, -1))
-        return torch.randperm(n, generator=seeded_generator(self.seed, "block-order", cycle)).tolist()
+        gen = seeded_generator(self.seed, "block-order", cycle)
+        return torch.randperm(n, generator=gen).tolist()
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ class Subset:
     universe: tuple[str, ...]  # every name some block holds, in model order
 
     @classmethod
-    def build(cls, names: Sequence[str], blocks: Sequence[set[str]], schedule: BlockSchedule) -> "Subset":
+    def build(
+        cls, names: Sequence[str], blocks: Sequence[set[str]], schedule: BlockSchedule
+    ) -> Subset:
         ordered = tuple(tuple(n for n in names if n in block) for block in blocks)
         union = set().union(*blocks)
         return cls(ordered, schedule, tuple(n for n in names if n in union))
@@ -103,7 +106,8 @@ def train_only(model: nn.Module, names: Collection[str]) -> list[nn.Parameter]:
         if name in names:
             chosen.append(p)
     if len(chosen) != len(names):
-        raise ValueError(f"{len(names) - len(chosen)} of the names to train are not parameters of the model")
+        raise ValueError(f"{len(names) - len(chosen)} of the names to train are not "
+                         "parameters of the model")
     return chosen
 
 
@@ -125,7 +129,8 @@ class Cohort:
 
     def slot(self, round_: int, client: int, sender: str) -> int:
         if round_ != self.round or client not in self.slots:
-            raise ClientError(f"{sender}: no downlink was sent to client {client} in round {round_}")
+            raise ClientError(
+                f"{sender}: no downlink was sent to client {client} in round {round_}")
         return self.slots[client]
 
 
@@ -153,8 +158,9 @@ class SubsetOptions(BaseModel):
     )
     order: Order = Field("ascending", description="order in which cycling schedules visit blocks")
     include: list[str] = Field(
-        default_factory=list, validate_default=True, description="glob patterns of parameter names trained in every "
-        "block as well, e.g. ['model.norm.*']"
+        default_factory=list, validate_default=True,
+        description="glob patterns of parameter names trained in every block as well, "
+        "e.g. ['model.norm.*']"
     )
     exclude: list[str] = Field(
         default_factory=list, description="glob patterns of parameter names never trained, "
@@ -175,7 +181,8 @@ class SubsetOptions(BaseModel):
     @field_validator("schedule")
     @classmethod
     def _schedule_needs_blocks(cls, v: ScheduleKind, info: ValidationInfo) -> ScheduleKind:
-        if v != "fixed" and (info.data.get("layers") is not None or info.data.get("layer_fraction") == 0):
+        chosen_layers = info.data.get("layers") is not None
+        if v != "fixed" and (chosen_layers or info.data.get("layer_fraction") == 0):
             raise ValueError(
                 f"schedule {v!r} cycles through blocks of layer_fraction of the layers: leave "
                 "`layers` unset and layer_fraction above 0 (or use schedule 'fixed')"
@@ -209,7 +216,8 @@ def _layer_range(item: int | str, num_layers: int | None) -> list[int]:
     if isinstance(item, int) and item < 0:
         lo = hi = num_layers + item
     if lo < 0 or hi >= num_layers:
-        raise ConfigError(f"method.layers: {item!r} is outside the model's layers 0..{num_layers - 1}")
+        raise ConfigError(
+            f"method.layers: {item!r} is outside the model's layers 0..{num_layers - 1}")
     return list(range(lo, hi + 1))
 
 
@@ -259,8 +267,8 @@ def subset_from_options(
         chosen = set(layers)
         block = {n for n in names if layer_of(n) in chosen or n in extra} - never
         if not block:
-            raise ConfigError(f"method: the block of layers {layers} has no parameter left to train "
-                              "after `exclude`")
+            raise ConfigError(f"method: the block of layers {layers} has no parameter left to "
+                              "train after `exclude`")
         blocks.append(block)
     schedule = BlockSchedule(len(blocks), opts.schedule, opts.order, seed, cohort)
     return Subset.build(names, blocks, schedule)

@@ -1,5 +1,4 @@
-"""Messages of block-wise methods: opening an envelope, and a set of tensors whose
-layout is chosen per message.
+"""Bodies of block-wise methods: a set of tensors whose layout is chosen per message.
 
 ``_dense`` sends one fixed layout per run; a block-wise method sends a different
 set of tensors depending on the client's block, so the layout is an argument here.
@@ -15,19 +14,9 @@ import torch
 from fedbits.compress import Chain
 from fedbits.compress.tensors import read_values as _read_values
 from fedbits.compress.tensors import segments, write_values
-from fedbits.methods.base import MethodContext
-from fedbits.wire import Direction, Layout, Reader, decode_message
+from fedbits.wire import Layout, Reader
 
-__all__ = ["open_message", "read_values", "segments", "write_values"]
-
-
-def open_message(
-    ctx: MethodContext, payload: bytes, round_: int, direction: Direction, sender: str
-) -> Reader:
-    """A reader over the body, after every envelope check (size, checksum, method, round)."""
-    body = decode_message(payload, method=ctx.cfg.method.name, round_=round_, direction=direction,
-                          max_bytes=ctx.max_payload_bytes, sender=sender)
-    return Reader(body, sender)
+__all__ = ["read_values", "segments", "write_values"]
 
 
 def read_values(

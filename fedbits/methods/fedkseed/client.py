@@ -18,10 +18,10 @@ import torch
 
 from fedbits.data.batching import iterate_batches
 from fedbits.errors import ClientError
-from fedbits.methods.base import ClientData, ClientStore, MethodContext
+from fedbits.methods.base import ClientData, ClientResult, ClientStore, MethodContext
 from fedbits.methods.fedkseed import protocol
 from fedbits.seeding import derive_seed
-from fedbits.wire import Direction, Reader, decode_message, encode_message
+from fedbits.wire import Reader
 from fedbits.zo.replay import Replay, SeedKeys, to_fixed
 from fedbits.zo.step import ZeroOrderTrainer
 
@@ -31,7 +31,6 @@ POOL_KEY = "fedkseed-pool"
 class FedKSeedClient:
     def __init__(self, ctx: MethodContext, pro: bool = False) -> None:
         self.ctx, self.opts, self.pro = ctx, ctx.options, pro
-        self.name = ctx.cfg.method.name
         cfg = ctx.cfg.clients
         self.model = ctx.build_model()
         self.model.eval()
@@ -42,7 +41,6 @@ class FedKSeedClient:
         self.trainer = ZeroOrderTrainer(
             self.model, self.opts.eps, cfg.lr, cfg.weight_decay, self.opts.distribution
         )
-        self.last_stats: dict[str, float] = {}
 
     def _load_pool(self, store: ClientStore) -> np.ndarray:
         raw = store.get(POOL_KEY)
@@ -50,7 +48,8 @@ class FedKSeedClient:
             return np.zeros(self.opts.num_seeds)
         pool = np.frombuffer(raw, dtype="<f8").copy()
         if len(pool) != self.opts.num_seeds:
-            raise ClientError(f"stored pool has {len(pool)} seeds, the run has {self.opts.num_seeds}")
+            raise ClientError(
+                f"stored pool has {len(pool)} seeds, the run has {self.opts.num_seeds}")
         return pool
 
     def sync(self, pool: np.ndarray) -> int:
@@ -67,14 +66,14 @@ class FedKSeedClient:
         probs = torch.softmax(torch.from_numpy(importance.astype(np.float64) / 255), 0)
         return torch.multinomial(probs, steps, replacement=True, generator=gen).tolist()
 
-    def update(self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore) -> bytes:
+    def update(
+        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+    ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
-        what = f"downlink to client {client}"
-        body = decode_message(downlink, method=self.name, round_=round_, direction=Direction.DOWN,
-                              max_bytes=self.ctx.max_payload_bytes, sender=what)
         full, indices, values, importance = protocol.decode_downlink(
-            Reader(body, what), self.opts.pool_format(), self.opts.num_seeds, self.pro
+            Reader(downlink, f"downlink to client {client}"), self.opts.pool_format(),
+            self.opts.num_seeds, self.pro,
         )
         pool = np.zeros(self.opts.num_seeds) if full else self._load_pool(store)
         pool[indices] = values
@@ -93,14 +92,14 @@ class FedKSeedClient:
         losses: list[float] = []
         start = time.perf_counter()
         with self.trainer.attached():
-            for index, batch in zip(seeds, batches):
+            for index, batch in zip(seeds, batches, strict=True):  # local_steps of each
                 loss_plus, loss_minus, g = self.trainer.step(self.keys.seeds[index], batch)
                 if g is not None:
                     steps.append((index, g))
                     losses.append((loss_plus + loss_minus) / 2)
         if not steps:
             raise ClientError(f"client {client}: every local step had a non-finite loss")
-        self.last_stats = {
+        stats = {
             "replay_seeds": replayed, "replay_seconds": replay_seconds,
             "train_seconds": time.perf_counter() - start,
             "skipped_steps": cfg.local_steps - len(steps),
@@ -109,4 +108,4 @@ class FedKSeedClient:
             data.num_samples, float(np.mean(losses)), digest, steps, self.opts.uplink_format(),
             self.opts.num_seeds, steps_only=self.pro,
         )
-        return encode_message(self.name, round_, Direction.UP, up)
+        return ClientResult(up, stats)

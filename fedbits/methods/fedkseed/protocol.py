@@ -72,7 +72,8 @@ def decode_downlink(
             raw = r.raw(num_seeds, "importance")
         elif flag == 1:
             try:
-                raw = zstandard.ZstdDecompressor().decompress(r.blob("importance"), max_output_size=num_seeds)
+                raw = zstandard.ZstdDecompressor().decompress(
+                    r.blob("importance"), max_output_size=num_seeds)
             except zstandard.ZstdError as e:
                 raise WireError(f"{r.what}: importance: {e}") from None
             if len(raw) != num_seeds:
@@ -116,7 +117,9 @@ def encode_uplink(
     return head + best
 
 
-def decode_uplink(r: Reader, client: int, fmt: EntryFormat, num_seeds: int, max_steps: int) -> SeedUpdate:
+def decode_uplink(
+    r: Reader, client: int, fmt: EntryFormat, num_seeds: int, max_steps: int
+) -> SeedUpdate:
     num_samples = r.u32("num_samples")
     train_loss = r.f32("train_loss")
     digest = r.u32("model digest")

@@ -18,17 +18,17 @@ import torch
 from torch import nn
 
 from fedbits.errors import ClientError
+from fedbits.methods._updates import save_pretrained
 from fedbits.methods.base import ClientUpdate, MethodContext
 from fedbits.methods.fedkseed import protocol
 from fedbits.methods.fedkseed.wire import quantize
-from fedbits.wire import Direction, Reader, decode_message, encode_message
+from fedbits.wire import Reader
 from fedbits.zo.replay import Replay, SeedKeys, to_fixed
 
 
 class FedKSeedServer:
     def __init__(self, ctx: MethodContext, pro: bool = False) -> None:
         self.ctx, self.opts, self.pro = ctx, ctx.options, pro
-        self.name = ctx.cfg.method.name
         self.lr = ctx.cfg.clients.lr
         self.model = ctx.build_model()
         self.model.eval()
@@ -43,7 +43,6 @@ class FedKSeedServer:
         self.views: dict[int, np.ndarray] = {}  # published pool each client verifiably holds
         self._sent: dict[int, np.ndarray] = {}
         self.digest = protocol.model_digest(self.model)
-        self.last_stats: dict[str, float] = {}
 
     # -- downlink -------------------------------------------------------------------
     def importance_levels(self) -> np.ndarray:
@@ -57,17 +56,15 @@ class FedKSeedServer:
         view = self.views.get(client)
         changed = np.nonzero(self.published if view is None else self.published != view)[0]
         body = protocol.encode_downlink(
-            view is None, changed, self.published[changed], self.opts.pool_format(), self.opts.num_seeds,
-            self.importance_levels() if self.pro else None,
+            view is None, changed, self.published[changed], self.opts.pool_format(),
+            self.opts.num_seeds, self.importance_levels() if self.pro else None,
         )
         self._sent[client] = self.published.copy()
-        return encode_message(self.name, round_, Direction.DOWN, body)
+        return body
 
     # -- uplink ---------------------------------------------------------------------
-    def decode_uplink(self, round_: int, client: int, payload: bytes) -> protocol.SeedUpdate:
+    def decode_uplink(self, round_: int, client: int, body: bytes) -> protocol.SeedUpdate:
         sender = f"client {client} uplink"
-        body = decode_message(payload, method=self.name, round_=round_, direction=Direction.UP,
-                              max_bytes=self.ctx.max_payload_bytes, sender=sender)
         update = protocol.decode_uplink(
             Reader(body, sender), client, self.opts.uplink_format(), self.opts.num_seeds,
             self.ctx.cfg.clients.local_steps,
@@ -81,7 +78,8 @@ class FedKSeedServer:
                 f"{update.digest:08x}, expected {self.digest:08x}); update refused"
             )
         if len(update.values) and np.abs(update.values).max() > self.opts.max_scalar:
-            raise ClientError(f"{sender}: a scalar exceeds method.max_scalar={self.opts.max_scalar:g}")
+            raise ClientError(
+                f"{sender}: a scalar exceeds method.max_scalar={self.opts.max_scalar:g}")
         if self.pro and update.form != protocol.STEPS:
             raise ClientError(f"{sender}: FedKSeed-Pro needs the per-step scalars")
         self.views[client] = self._sent.pop(client)
@@ -89,7 +87,7 @@ class FedKSeedServer:
 
     # -- aggregation ----------------------------------------------------------------
     @torch.no_grad()
-    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> None:
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
         total = sum(u.num_samples for u in updates)
         for u in updates:
             assert isinstance(u, protocol.SeedUpdate)
@@ -100,16 +98,18 @@ class FedKSeedServer:
                 clip = self.opts.history_clip
                 np.add.at(self.history_sum, u.indices, np.abs(np.clip(u.values, -clip, clip)))
                 np.add.at(self.history_count, u.indices, 1)
-        self.publish()
-
-    def publish(self) -> None:
-        """Quantise the pool for the wire and bring the model to it by replay."""
         start = time.perf_counter()
+        seeds = self.publish()
+        return {"replay_seeds": seeds, "replay_seconds": time.perf_counter() - start}
+
+    def publish(self) -> int:
+        """Quantise the pool for the wire and bring the model to it by replay; return
+        the seeds replayed."""
         self.published = quantize(self.pool, self.opts.pool_format())
         seeds = self.replay.move_to(to_fixed(self.published))
         self.replay.write(self.model, self.base, self.lr)
         self.digest = protocol.model_digest(self.model)
-        self.last_stats = {"server_replay_seeds": seeds, "server_replay_seconds": time.perf_counter() - start}
+        return seeds
 
     # -- the rest of the server protocol --------------------------------------------
     def global_model(self) -> nn.Module:
@@ -133,4 +133,4 @@ class FedKSeedServer:
         self.publish()
 
     def save_final(self, path: Path) -> None:
-        self.model.save_pretrained(path)
+        save_pretrained(self.model, path)

@@ -182,6 +182,7 @@ def _dequantise(coded: _Coded, scalar: ScalarDtype) -> np.ndarray:
     :func:`quantize` and :func:`decode_entries` agree bit for bit."""
     codes = coded.codes
     if scalar == "float16":
+        assert isinstance(coded.param, int)  # the exponent, set for float16 codes
         return np.ldexp(codes.astype(np.float64), coded.param)
     if scalar == "int8":
         return np.float64(coded.param) * codes.astype(np.float64)

@@ -38,7 +38,7 @@ class CertPaths:
     server_key: Path
 
     @classmethod
-    def in_dir(cls, directory: Path) -> "CertPaths":
+    def in_dir(cls, directory: Path) -> CertPaths:
         return cls(directory / "ca.crt", directory / "superlink.crt", directory / "superlink.key")
 
     @property
@@ -114,7 +114,7 @@ def make_certificates(directory: Path, hosts: list[str], *, force: bool = False)
     paths = CertPaths.in_dir(directory)
     if not force:
         refuse_to_replace(paths.files())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_after = now + datetime.timedelta(days=VALID_DAYS)
 
     ca_key = ec.generate_private_key(ec.SECP384R1())

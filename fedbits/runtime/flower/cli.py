@@ -155,7 +155,7 @@ def _usage(parser: argparse.ArgumentParser, _args: argparse.Namespace) -> None:
     parser.exit(2, f"\n{parser.prog}: error: choose one of the subcommands above\n")
 
 
-def add_flower_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``fedbits flower`` and its subcommands."""
     flower = sub.add_parser("flower", help="set up and drive runs on Flower (see docs/flower.md)",
                             description="Set up and drive runs on Flower (see docs/flower.md).")

@@ -65,7 +65,9 @@ class LocalProcesses:
                                    f"{log.read_text()[-3000:]}")
             time.sleep(0.2)
 
-    def start_supernode(self, partition: int, tag: str = "", *args: str) -> tuple[subprocess.Popen, Path]:
+    def start_supernode(
+        self, partition: int, tag: str = "", *args: str
+    ) -> tuple[subprocess.Popen, Path]:
         """A SuperNode (and its worker) for data partition ``partition``."""
         name = f"node-{partition}{'-' + tag if tag else ''}"
         return self.start(name, "supernode", "--superlink", self.address,

@@ -5,7 +5,9 @@ current run's :class:`NodeSession` in memory, so when it lives in the long-lived
 worker (:mod:`fedbits.runtime.flower.worker`) a round costs only the method's local
 work: the model is built once per run, not once per message. Without a worker the
 same code runs inside each ClientApp process and rebuilds the session every time
-(correct, just slower; ``info["reused"]`` says which happened).
+(correct, just slower; ``info["reused"]`` says which happened). A round on a node is
+the simulator's :func:`~fedbits.runtime.client.run_client`: the same envelope checks,
+size limit and method code, so the same bytes come back.
 
 The client store lives on the node's disk under ``<fedbits-dir>/runs/<store ID>/``, in
 the simulator's layout. Writes of round r wait in ``pending/r`` until a later request
@@ -24,6 +26,7 @@ from typing import Any
 from fedbits.config import Config
 from fedbits.errors import FedbitsError
 from fedbits.methods import get_method
+from fedbits.runtime.client import run_client
 from fedbits.runtime.flower.protocol import NodeReply, Request, parse_config
 from fedbits.runtime.loop import client_data, describe_error
 from fedbits.runtime.setup import prepare_run
@@ -76,10 +79,10 @@ class NodeSession:
         data = client_data(self.setup, self.items, request.round, request.client)
         store = self.stores.for_client(request.client, request.round)
         start = time.perf_counter()
-        blob = self.client.update(request.round, request.client, request.blob, data, store)
+        reply = run_client(self.client, self.cfg.method.name, request.round, request.client,
+                           request.blob, data, store, self.setup.max_payload_bytes)
         return NodeReply(
-            blob=blob, partition=self.partition,
-            stats=dict(getattr(self.client, "last_stats", {})),
+            blob=reply.uplink, partition=self.partition, stats=reply.stats,
             info={"train_seconds": time.perf_counter() - start}, truncated=self.truncated,
         )
 

@@ -116,11 +116,11 @@ class Request:
         })})
 
     @classmethod
-    def from_content(cls, content: RecordDict) -> "Request":
+    def from_content(cls, content: RecordDict) -> Request:
         rec = _record(content, "request")
         try:
-            request = cls(str(rec["store"]), int(rec["round"]), int(rec["client"]),
-                          int(rec["committed"]), bytes(rec["blob"]))
+            request = cls(str(rec["store"]), _int(rec["round"]), _int(rec["client"]),
+                          _int(rec["committed"]), _bytes(rec["blob"]))
         except (KeyError, TypeError, ValueError) as e:
             raise FedbitsError(f"malformed request: {type(e).__name__}: {e}") from None
         if not _STORE.match(request.store):  # it becomes a directory name on the node
@@ -155,14 +155,14 @@ class NodeReply:
         return RecordDict({RECORD: ConfigRecord(rec)})
 
     @classmethod
-    def from_content(cls, content: RecordDict) -> "NodeReply":
+    def from_content(cls, content: RecordDict) -> NodeReply:
         rec = _record(content, "node reply")
         try:
             blob = rec.get("blob")
             reply = cls(
-                blob=None if blob is None else bytes(blob), error=str(rec["error"]),
-                partition=int(rec["partition"]), stats=json.loads(str(rec["stats"])),
-                info=json.loads(str(rec["info"])), truncated=int(rec.get("truncated", 0)),
+                blob=None if blob is None else _bytes(blob), error=str(rec["error"]),
+                partition=_int(rec["partition"]), stats=json.loads(str(rec["stats"])),
+                info=json.loads(str(rec["info"])), truncated=_int(rec.get("truncated", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FedbitsError(f"malformed node reply: {type(e).__name__}: {e}") from None
@@ -172,6 +172,20 @@ class NodeReply:
             raise FedbitsError(f"malformed node reply: truncated={reply.truncated} is not a "
                                f"count in 0..{MAX_COUNT}")
         return reply
+
+
+def _int(value: object) -> int:
+    """A record's integer field; a record value of any other type is malformed."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _bytes(value: object) -> bytes:
+    """A record's bytes field (a payload travels untouched, never as text)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
 
 
 def _record(content: RecordDict, what: str) -> ConfigRecord:

@@ -2,10 +2,11 @@
 
 ``main`` runs on the SuperLink's machine (Flower starts it for each ``flwr run``). It
 reads the fedbits config from the run config, prepares the run directory exactly as
-``fedbits run`` does, and drives :class:`~fedbits.runtime.loop.RoundLoop`; only
-:meth:`FlowerLoop.exchange` differs from the simulator: it sends each sampled
-client's downlink to the SuperNode that serves that data partition and waits for the
-replies. No Flower Strategy is involved; the method's server half aggregates.
+``fedbits run`` does, and drives :class:`~fedbits.runtime.loop.RoundLoop`, which
+seals every downlink and opens every uplink as in the simulator; only
+:meth:`FlowerLoop.exchange` differs: it sends each sampled client's sealed downlink to
+the SuperNode that serves that data partition and waits for the replies. No Flower
+Strategy is involved; the method's server half aggregates.
 
 A sampled partition that no SuperNode serves, a node that reports an error, crashes,
 goes offline (Flower then answers for it) or does not reply within
@@ -19,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
@@ -29,6 +31,7 @@ from fedbits.config import Config
 from fedbits.errors import FedbitsError
 from fedbits.logs import configure
 from fedbits.runtime import check_run_dir, execute, open_run_dir
+from fedbits.runtime.client import Reply, checked_stats
 from fedbits.runtime.flower.processes import quiet_progress_bars
 from fedbits.runtime.flower.protocol import (
     CONFIG_KEY,
@@ -41,7 +44,7 @@ from fedbits.runtime.flower.protocol import (
     new_store_id,
     parse_config,
 )
-from fedbits.runtime.loop import Reply, RoundLoop, Settle
+from fedbits.runtime.loop import RoundLoop, Settle
 from fedbits.runtime.setup import RunSetup, prepare_run
 
 logger = logging.getLogger(__name__)
@@ -146,16 +149,11 @@ class FlowerLoop(RoundLoop):
     def recover_clients(self, round_: int) -> None:
         self.committed = round_
 
-    def exchange(self, round_: int, clients: list[int], settle: Settle) -> None:
+    def exchange(self, round_: int, downlinks: dict[int, bytes], settle: Settle) -> None:
         """Send every downlink at once, wait for the replies, settle in client order."""
-        encoded = {c: self.encode_downlink(round_, c) for c in clients}
-        downlinks = {c: d for c, d in encoded.items() if isinstance(d, bytes)}
         replies = self._deliver(round_, downlinks)
-        for client, down in encoded.items():
-            if isinstance(down, Reply):
-                settle(client, None, down)
-            else:
-                settle(client, down, replies[client])
+        for client, downlink in downlinks.items():
+            settle(client, downlink, replies[client])
 
     def _deliver(self, round_: int, downlinks: dict[int, bytes]) -> dict[int, Reply]:
         """One Flower message per client to the node serving its partition; the replies."""
@@ -186,10 +184,16 @@ class FlowerLoop(RoundLoop):
         while waiting and time.monotonic() - sent < rt.round_timeout_s:
             for msg in _pull(self.grid, waiting):
                 client = waiting.pop(msg.metadata.reply_to_message_id)
-                reply = _reply(msg, f"SuperNode {targets[client]} (partition {client})")
-                replies[client] = Reply(reply.blob, reply.error, reply.stats, reply.truncated)
+                who = f"SuperNode {targets[client]} (partition {client})"
+                reply = _reply(msg, who)
+                try:
+                    stats = checked_stats(reply.stats, who)
+                    replies[client] = Reply(reply.blob, reply.error, stats, reply.truncated)
+                except FedbitsError as e:
+                    replies[client] = Reply(error=str(e))
+                # the server's own measurements last: a node cannot overwrite them
                 self._round_info[str(client)] = {
-                    "node_id": targets[client], "seconds": time.monotonic() - sent, **reply.info,
+                    **reply.info, "node_id": targets[client], "seconds": time.monotonic() - sent,
                 }
             if waiting:
                 time.sleep(POLL_S)

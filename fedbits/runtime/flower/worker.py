@@ -110,7 +110,8 @@ def call(root: Path, op: str, config_text: str, partition: int, request: Request
         except (EOFError, OSError) as e:
             return _died(address, e, partition)
     return NodeReply(blob=blob if reply["has_blob"] else None, error=reply["error"],
-                     partition=partition, stats=reply["stats"], info=reply["info"])
+                     partition=partition, stats=reply["stats"], info=reply["info"],
+                     truncated=reply["truncated"])
 
 
 def _died(address: str, e: BaseException, partition: int) -> NodeReply:
@@ -158,7 +159,8 @@ def serve(root: Path) -> None:
                 logger.info("%s failed: %s", header["op"], reply.error)
             try:
                 _send(conn, {"has_blob": reply.blob is not None, "error": reply.error,
-                             "stats": reply.stats, "info": reply.info}, reply.blob or b"")
+                             "stats": reply.stats, "info": reply.info,
+                             "truncated": reply.truncated}, reply.blob or b"")
             except OSError as e:  # the ClientApp went away; the SuperNode reports it
                 logger.warning("could not deliver the reply: %s", type(e).__name__)
 
