@@ -25,6 +25,7 @@ from torch import nn
 
 from fedbits.compress import Chain, ErrorFeedback, parse_chain
 from fedbits.compress.tensors import read_values, write_values
+from fedbits.config import DType
 from fedbits.errors import ClientError
 from fedbits.methods._updates import (
     DeltaUpdate,
@@ -54,7 +55,7 @@ from fedbits.server_opt import (
 )
 from fedbits.wire import Direction, Layout, Reader, Writer
 
-WireDtype = Literal["float32", "bfloat16", "float16"]
+WireDtype = DType
 DownlinkBase = Literal["zero", "init"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,7 +157,7 @@ class _DenseHalf:
         self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None
     ) -> None:
         self.ctx = ctx
-        self.name = ctx.cfg.method.name
+        self.name = ctx.method
         self.model = prepare(ctx.build_model())
         self.params = trainable_tensors(self.model)
         self.layout = Layout.of(self.params)
@@ -178,7 +179,7 @@ class DenseServer(_DenseHalf):
     def downlink(self, round_: int, client: int) -> bytes:
         if self._sent is None or self._sent[0] != round_:
             w = Writer()
-            gen = seeded_generator(self.ctx.cfg.run.seed, "downlink", round_)
+            gen = seeded_generator(self.ctx.seed, "downlink", round_)
             write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
                          chain=self.chains(round_, Direction.DOWN), generator=gen)
             self._sent = (round_, w.getvalue())
@@ -246,7 +247,7 @@ class DenseClient(_DenseHalf):
         after_step = None
         if self.train_received_only and sent_indices is not None:
             after_step = self._keep_only(sent_indices)
-        change = train_change(self.model, self.params, data, self.ctx.cfg.clients, after_step)
+        change = train_change(self.model, self.params, data, self.ctx.clients, after_step)
 
         w = Writer().u32(data.num_samples).f32(change.loss)
         chain = self.chains(round_, Direction.UP)

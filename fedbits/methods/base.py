@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedbits.config import Config
+from fedbits.config import ClientsSection, Config
 from fedbits.errors import ConfigError
 
 if TYPE_CHECKING:  # transformers loads only when a half is built, not to list methods
@@ -52,10 +52,16 @@ def refuse_float16_adamw(cfg: Config, trained: str) -> None:
 
 @dataclass
 class MethodContext:
-    """What both halves of a method get from the runtime."""
+    """What both halves of a method get from the runtime: the run settings a method may
+    read, not the whole config, so no method can come to depend on data paths, output
+    directories or the runtime's keys."""
 
-    cfg: Config
+    method: str  # the registered name the run uses (messages, store keys)
     options: Any  # the method's validated MethodOptions subclass
+    seed: int  # run.seed: derive every random choice from it (fedbits.seeding)
+    clients: ClientsSection  # local training: lr, local_steps, batch_size, optimizer, ...
+    cohort: int  # clients sampled per round
+    model_name: str  # model.name, for messages
     tokenizer: Any
     build_model: Callable[[], PreTrainedModel]  # a fresh copy of the pretrained base model
 

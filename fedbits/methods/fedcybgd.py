@@ -52,7 +52,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, parse_chain
-from fedbits.config import Config
+from fedbits.config import Config, DType
 from fedbits.errors import ClientError, WireError
 from fedbits.methods._blocks import (
     BlockSchedule,
@@ -106,7 +106,7 @@ class FedCyBGDOptions(MethodOptions):
         "copy); fraction: pretrained + a random fraction of the updated blocks (paper)"
     )
     download_fraction: float = Field(0.5, gt=0, le=1, description="p, for download = 'fraction'")
-    wire_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    wire_dtype: DType = Field(
         "float32", description="value type of the uplink when no chain is set"
     )
     uplink: list[str] = Field(
@@ -145,9 +145,9 @@ class _Structure:
         opts: FedCyBGDOptions = ctx.options
         self.ctx, self.opts = ctx, opts
         names = [n for n, _ in model.named_parameters()]
-        layers = decoder_layers(names, f"model {ctx.cfg.model.name!r}")
-        schedule = BlockSchedule(len(layers), "client", opts.order, ctx.cfg.run.seed,
-                                 ctx.cfg.clients_per_round(), per_block=2 if opts.agg else 1)
+        layers = decoder_layers(names, f"model {ctx.model_name!r}")
+        schedule = BlockSchedule(len(layers), "client", opts.order, ctx.seed,
+                                 ctx.cohort, per_block=2 if opts.agg else 1)
         self.subset = Subset.build(names, [set(layer) for layer in layers], schedule)
         params = dict(model.named_parameters())
         self.layouts = [Layout.of({n: params[n] for n in block}) for block in self.subset.blocks]
@@ -212,7 +212,7 @@ class FedCyBGDServer:
         """The client's own block if updated, plus a random fraction p of the other updated ones."""
         others = [b for b, v in enumerate(self.version) if v > 0 and b != block]
         k = math.ceil(self.s.opts.download_fraction * len(others) - 1e-9)
-        seed = derive_seed(self.s.ctx.cfg.run.seed, "fedcybgd-download", round_, client)
+        seed = derive_seed(self.s.ctx.seed, "fedcybgd-download", round_, client)
         rng = random.Random(seed)
         chosen = set(rng.sample(others, k))
         if self.version[block] > 0:
@@ -294,7 +294,7 @@ class FedCyBGDClient:
         params = dict(model.named_parameters())
         trained = {n: params[n] for n in names}
         train_only(model, trained)
-        change = train_change(model, trained, data, self.ctx.cfg.clients)
+        change = train_change(model, trained, data, self.ctx.clients)
 
         w = Writer().u32(data.num_samples).f32(change.loss).u64(block_digest(change.start.values()))
         gen = seeded_generator(data.seed, "uplink")
@@ -304,7 +304,7 @@ class FedCyBGDClient:
             "block": block, "blocks_received": received,
             "trained_params": self.s.layouts[block].numel,
             "train_seconds": change.seconds,
-            "seconds_per_step": change.seconds / self.ctx.cfg.clients.local_steps,
+            "seconds_per_step": change.seconds / self.ctx.clients.local_steps,
         })
 
     @torch.no_grad()

@@ -96,7 +96,7 @@ class _PartialHalf:
 
     def __init__(self, ctx: MethodContext) -> None:
         opts: PartialOptions = ctx.options
-        self.ctx, self.opts, self.name = ctx, opts, ctx.cfg.method.name
+        self.ctx, self.opts, self.name = ctx, opts, ctx.method
         model = ctx.build_model()
         self.model = add_lora(model, opts) if opts.lora else model
         # with LoRA only the adapters are candidates (peft froze the rest), else every weight
@@ -104,8 +104,8 @@ class _PartialHalf:
             n: p for n, p in self.model.named_parameters() if p.requires_grad or not opts.lora
         }
         self.subset: Subset = subset_from_options(
-            list(candidates), opts, seed=ctx.cfg.run.seed, cohort=ctx.cfg.clients_per_round(),
-            model_name=f"model {ctx.cfg.model.name!r}",
+            list(candidates), opts, seed=ctx.seed, cohort=ctx.cohort,
+            model_name=f"model {ctx.model_name!r}",
         )
         self.params = {n: candidates[n] for n in self.subset.universe}
         train_only(self.model, self.params)
@@ -138,7 +138,7 @@ class PartialServer(_PartialHalf):
         slot = self.cohort.assign(round_, client)
         if self._values is None or self._values[0] != round_:
             w = Writer()
-            gen = seeded_generator(self.ctx.cfg.run.seed, "downlink", round_)
+            gen = seeded_generator(self.ctx.seed, "downlink", round_)
             write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
                          chain=self.down, generator=gen)
             self._values = (round_, w.getvalue())
@@ -204,7 +204,7 @@ class PartialClient(_PartialHalf):
         block, names = self.subset.select(round_, slot)
         trained = {n: self.params[n] for n in names}
         train_only(self.model, trained)
-        change = train_change(self.model, trained, data, self.ctx.cfg.clients)
+        change = train_change(self.model, trained, data, self.ctx.clients)
 
         w = Writer().u32(data.num_samples).f32(change.loss)
         feedback = None
@@ -217,7 +217,7 @@ class PartialClient(_PartialHalf):
         return ClientResult(w.getvalue(), stats={
             "block": block, "trained_params": self.block_layout(block).numel,
             "train_seconds": change.seconds,
-            "seconds_per_step": change.seconds / self.ctx.cfg.clients.local_steps,
+            "seconds_per_step": change.seconds / self.ctx.clients.local_steps,
         })
 
 

@@ -53,8 +53,12 @@ class RunSetup:
     def method_context(self) -> MethodContext:
         spec = get_method(self.cfg.method.name)
         return MethodContext(
-            cfg=self.cfg,
+            method=self.cfg.method.name,
             options=spec.options.model_validate(self.cfg.method.options()),
+            seed=self.cfg.run.seed,
+            clients=self.cfg.clients,
+            cohort=self.cfg.clients_per_round(),
+            model_name=self.cfg.model.name,
             tokenizer=self.tokenizer,
             build_model=self.build_model,
         )

@@ -31,11 +31,11 @@ POOL_KEY = "fedkseed-pool"
 class FedKSeedClient:
     def __init__(self, ctx: MethodContext, pro: bool = False) -> None:
         self.ctx, self.opts, self.pro = ctx, ctx.options, pro
-        cfg = ctx.cfg.clients
+        cfg = ctx.clients
         self.model = ctx.build_model()
         self.model.eval()
         self.base = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.keys = SeedKeys(protocol.pool_seeds(ctx.cfg.run.seed, self.opts.num_seeds))
+        self.keys = SeedKeys(protocol.pool_seeds(ctx.seed, self.opts.num_seeds))
         self.cache = Replay(self.model, self.keys, self.opts.distribution) if (
             self.opts.client_replay == "incremental") else None
         self.trainer = ZeroOrderTrainer(
@@ -56,7 +56,7 @@ class FedKSeedClient:
         """Make the model the one ``pool`` stands for; return the seeds replayed."""
         replay = self.cache or Replay(self.model, self.keys, self.opts.distribution)
         seeds = replay.move_to(to_fixed(pool))
-        replay.write(self.model, self.base, self.ctx.cfg.clients.lr)
+        replay.write(self.model, self.base, self.ctx.clients.lr)
         return seeds
 
     def _seed_indices(self, steps: int, seed: int, importance: np.ndarray | None) -> list[int]:
@@ -84,7 +84,7 @@ class FedKSeedClient:
         replay_seconds = time.perf_counter() - start
         digest = protocol.model_digest(self.model)
 
-        cfg = self.ctx.cfg.clients
+        cfg = self.ctx.clients
         seeds = self._seed_indices(cfg.local_steps, data.seed, importance)
         batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps,
                                   torch.Generator().manual_seed(data.seed), data.pad_id)

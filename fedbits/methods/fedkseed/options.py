@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from fedbits.config import DType
 from fedbits.methods.base import MethodOptions
 from fedbits.methods.fedkseed.wire import EntryFormat, ScalarDtype
 
@@ -21,7 +22,7 @@ class FedKSeedOptions(MethodOptions):
         "reference: the paper's 4-byte index + 4-byte float32 per entry"
     )
     scalar_dtype: ScalarDtype = Field("float16", description="uplink scalars (compact wire)")
-    pool_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+    pool_dtype: DType = Field(
         "float16", description="downlink pool scalars (compact wire); the published pool "
         "defines the model, so it is what clients and server both replay"
     )

@@ -29,11 +29,11 @@ from fedbits.zo.replay import Replay, SeedKeys, to_fixed
 class FedKSeedServer:
     def __init__(self, ctx: MethodContext, pro: bool = False) -> None:
         self.ctx, self.opts, self.pro = ctx, ctx.options, pro
-        self.lr = ctx.cfg.clients.lr
+        self.lr = ctx.clients.lr
         self.model = ctx.build_model()
         self.model.eval()
         self.base = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self.keys = SeedKeys(protocol.pool_seeds(ctx.cfg.run.seed, self.opts.num_seeds))
+        self.keys = SeedKeys(protocol.pool_seeds(ctx.seed, self.opts.num_seeds))
         self.replay = Replay(self.model, self.keys, self.opts.distribution)
         k = self.opts.num_seeds
         self.pool = np.zeros(k)  # exact accumulated scalars
@@ -67,7 +67,7 @@ class FedKSeedServer:
         sender = f"client {client} uplink"
         update = protocol.decode_uplink(
             Reader(body, sender), client, self.opts.uplink_format(), self.opts.num_seeds,
-            self.ctx.cfg.clients.local_steps,
+            self.ctx.clients.local_steps,
         )
         if update.num_samples == 0:
             raise ClientError(f"{sender}: reports zero training samples")

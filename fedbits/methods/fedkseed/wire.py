@@ -54,10 +54,11 @@ import torch
 
 from fedbits.compress.stages.floats import FloatValues
 from fedbits.compress.stages.zstd import Zstd, decompress_bounded
+from fedbits.config import DType
 from fedbits.errors import WireError
 from fedbits.wire import Reader, Writer
 
-ScalarDtype = Literal["float32", "float16", "bfloat16", "int8"]
+ScalarDtype = Literal[DType, "int8"]
 Layout = Literal["compact", "reference"]
 
 _LIST, _DENSE, _BITMASK = 0, 1, 2

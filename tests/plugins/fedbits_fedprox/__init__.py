@@ -94,7 +94,7 @@ class Client(Half):
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(start[name])
-        cfg, mu = self.ctx.cfg.clients, self.ctx.options.mu
+        cfg, mu = self.ctx.clients, self.ctx.options.mu
         opt = torch.optim.SGD(self.params.values(), lr=cfg.lr)
         gen = torch.Generator().manual_seed(data.seed)
         self.model.eval()  # no dropout: the run depends on the seed and the weights only
