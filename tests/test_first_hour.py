@@ -292,3 +292,20 @@ def test_a_single_example_data_set_says_it_is_not_evaluated(tmp_path, caplog):
                                       "data.num_clients=1", "clients.per_round=1"]))
     assert any(r.levelno == logging.WARNING and "no held-out examples (1 examples" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("truncated", -1, "truncated=-1"),
+    ("truncated", 2**40, "is not a count"),
+    ("info", "[1, 2]", "must be JSON objects"),
+    ("stats", '"x"', "must be JSON objects"),
+])
+def test_a_hostile_node_reply_count_or_info_is_refused(field, value, reason):
+    """A node reports its truncation count and info; the server bounds and types them."""
+    from fedbits.errors import FedbitsError
+    from fedbits.runtime.flower.protocol import RECORD, NodeReply
+
+    content = NodeReply(blob=b"x", partition=0).to_content()
+    content.config_records[RECORD][field] = value
+    with pytest.raises(FedbitsError, match=reason):
+        NodeReply.from_content(content)
