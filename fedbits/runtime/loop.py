@@ -88,9 +88,11 @@ def _summary_line(row: dict[str, Any], rounds: int) -> str:
         ]
         if row["train_loss"] is not None:
             parts.append(f"train_loss {row['train_loss']:.4f}")
-    for key in ("eval_loss", "perplexity", "rougeL", "exact_match"):
+    formats = {"eval_loss": "{:.4f}", "perplexity": "{:.2f}", "rougeL": "{:.2f} %",
+               "exact_match": "{:.2f} %"}  # the generation metrics are percentages
+    for key, fmt in formats.items():
         if key in row:
-            parts.append(f"{key} {row[key]:.4f}" if key == "eval_loss" else f"{key} {row[key]:.2f}")
+            parts.append(f"{key} {fmt.format(row[key])}")
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)
 
