@@ -1,4 +1,4 @@
-"""The ``fedbits`` command line: run, report, compare, data, model, methods, flower.
+"""The ``fedbits`` command line: run, report, compare, data, model, models, methods, flower.
 
 User errors (a :class:`~fedbits.errors.FedbitsError`) are printed as one clear
 message and exit with status 2; a traceback means a bug in fedbits.
@@ -78,6 +78,18 @@ def _cmd_model(args: argparse.Namespace) -> None:
           f"chat template: {'yes' if tokenizer.chat_template else 'no'}")
 
 
+def _cmd_models(args: argparse.Namespace) -> None:
+    from fedbits.models import BUILTIN_MODELS, RANDOM_PRESETS
+
+    for name, builtin in BUILTIN_MODELS.items():
+        print(f"{name:18s} {builtin.description}")
+    for name, preset in RANDOM_PRESETS.items():
+        print(f"{name:18s} {preset.description}: {preset.parameters / 1e6:.0f}M parameters")
+        print(f"{'':18s}   {preset.describe()}")
+    print("random architectures take the [model] size keys hidden_size, num_layers, "
+          "intermediate_size, num_heads, num_kv_heads, vocab_size (docs/models-random.md)")
+
+
 def _cmd_methods(args: argparse.Namespace) -> None:
     from fedbits.methods import available_methods, describe_options, get_method
 
@@ -134,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     model.add_argument("--dtype", default="float32", choices=list(DTYPES))
     model.set_defaults(func=_cmd_model)
+
+    models = sub.add_parser("models", help="list the built-in models and random architectures")
+    models.set_defaults(func=_cmd_models)
 
     methods = sub.add_parser("methods", help="list the registered methods")
     methods.add_argument("-v", "--verbose", action="store_true", help="show each method's options")

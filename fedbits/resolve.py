@@ -35,7 +35,7 @@ def validate_references(cfg: Config, origin: str = "config") -> None:
     """Check the names that refer to registries: the method (and its options) and the
     model. ``origin`` (a file name) starts every error message."""
     from fedbits.methods import get_method
-    from fedbits.models import check_model_name
+    from fedbits.models import check_model_name, check_model_size
 
     try:
         spec = get_method(cfg.method.name)
@@ -53,6 +53,10 @@ def validate_references(cfg: Config, origin: str = "config") -> None:
         check_model_name(cfg.model.name)
     except Exception as e:  # ModelError from models
         raise ConfigError(f"{origin}: model.name: {e}") from None
+    try:
+        check_model_size(cfg.model)  # its messages name the model.* keys themselves
+    except Exception as e:  # ModelError from models
+        raise ConfigError(f"{origin}: {e}") from None
 
 
 def resolved(cfg: Config) -> dict[str, Any]:

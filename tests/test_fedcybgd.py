@@ -84,7 +84,7 @@ def _rows(path: Path) -> list[dict]:
 def test_one_block_up_change_only_down_frozen_rest(tmp_path, six_layers):
     cfg = load_config(TINY, _overrides(tmp_path, six_layers, "run.rounds=5"))
     run_dir = run_experiment(cfg)
-    base = dict(prepare_run(cfg).base_model.named_parameters())
+    base = dict(prepare_run(cfg).frozen.model.named_parameters())
     block = sum(p.numel() for n, p in base.items() if ".layers.0." in n)
     full_model = 4 * sum(p.numel() for p in base.values())
 

@@ -49,7 +49,7 @@ def test_client_replay_is_bit_identical_to_the_server(tmp_path, mode):
     pairs = zip(sim.server.model.named_parameters(), client.model.parameters(), strict=True)
     for (name, want), got in pairs:
         assert torch.equal(want, got), name
-    base = sim.setup.base_model.state_dict()
+    base = sim.setup.frozen.model.state_dict()
     assert any(not torch.equal(base[n], p) for n, p in sim.server.model.named_parameters())
 
 
@@ -119,3 +119,51 @@ def test_pro_sends_importance_and_samples_by_it(tmp_path):
     plain_down = sum(r["bytes_down"] for r in _rows(tmp_path / "plain" / "sim"))
     assert sum(r["bytes_down"] for r in rows) > plain_down
     assert plain.server.history_count.sum() == 0
+
+
+def _saved_tiny(path: Path) -> Path:
+    """tiny-llama as a save_pretrained directory: a base the runtime can release and
+    read back from disk, as it does for a real checkpoint."""
+    from fedbits.config import ModelSection
+    from fedbits.models import load_model
+
+    model, tok = load_model(ModelSection(name="tiny-llama"), seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["full", "incremental"])
+def test_replay_reads_the_released_base_from_disk(tmp_path, mode):
+    """Server and client both train every weight, so the runtime drops the frozen base
+    after building them: replay then reads w0 back from the checkpoint, a tensor at a
+    time, and client and server still agree bit for bit."""
+    model_dir = _saved_tiny(tmp_path / "tiny")
+    sim = _simulate(tmp_path / "run", f"model.name={model_dir}",
+                    f"method.client_replay={mode}", rounds=3)
+    assert sim.setup.frozen.released
+    rows = _rows(tmp_path / "run" / "sim")
+    assert all(not r["rejected"] for r in rows) and sum(len(r["clients"]) for r in rows) == 9
+    client = sim.client
+    assert isinstance(client, FedKSeedClient)
+    client.sync(sim.server.published)
+    pairs = zip(sim.server.model.named_parameters(), client.model.parameters(), strict=True)
+    for (name, want), got in pairs:
+        assert torch.equal(want, got), name
+    assert not hasattr(client, "base") and not hasattr(sim.server, "base")  # no w0 clone
+
+
+def test_a_bfloat16_model_trains_float32_master_weights(tmp_path):
+    """model.dtype = bfloat16: each half gets float32 master copies of the bfloat16 base;
+    the step perturbs float32 weights, replay starts from the bfloat16 values."""
+    sim = _simulate(tmp_path, "model.dtype=bfloat16", rounds=2)
+    rows = _rows(tmp_path / "sim")
+    assert all(not r["rejected"] for r in rows) and sum(len(r["clients"]) for r in rows) == 6
+    assert all(np.isfinite(r["train_loss"]) for r in rows if r["round"] > 0)
+    assert all(p.dtype == torch.float32 for p in sim.server.model.parameters())
+    assert all(p.dtype == torch.float32 for p in sim.client.model.parameters())
+    base = sim.setup.frozen.model
+    assert all(p.dtype == torch.bfloat16 for p in base.parameters())
+    moved = [n for n, p in sim.server.model.named_parameters()
+             if not torch.equal(p, base.get_parameter(n).float())]
+    assert moved

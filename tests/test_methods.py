@@ -96,7 +96,7 @@ def test_fedavg_one_client_one_step_equals_centralized_step(tiny_overrides):
         assert n == n2
         # w0 + (w1 - w0) can differ from w1 by one rounding of the subtraction
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
-        changed += int(not torch.equal(q, setup.base_model.get_parameter(n)))
+        changed += int(not torch.equal(q, setup.frozen.model.get_parameter(n)))
     assert changed > 0
 
 

@@ -166,7 +166,7 @@ def test_quarter_model_int8_sends_a_fraction_of_fedavg_and_frozen_weights_stay_p
         "method.uplink=['int8']"])
     partial = run_experiment(cfg)
     setup = prepare_run(cfg)
-    base = dict(setup.base_model.named_parameters())
+    base = dict(setup.frozen.model.named_parameters())
     top = {n: p for n, p in base.items() if ".layers.1." in n}
     n = sum(p.numel() for p in top.values())
     # envelope + num_samples + train_loss + fingerprint + chain frame (7)

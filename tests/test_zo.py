@@ -11,8 +11,15 @@ import torch
 from fedbits.config import ModelSection
 from fedbits.models import load_model
 from fedbits.zo import kernels, native
-from fedbits.zo.generator import direction, indices, param_key, table, table_ints
-from fedbits.zo.replay import Replay, SeedKeys, to_fixed
+from fedbits.zo.generator import (
+    Distribution,
+    direction,
+    indices,
+    param_key,
+    table,
+    table_ints,
+)
+from fedbits.zo.replay import Replay, SeedKeys, rebuild, to_fixed
 from fedbits.zo.step import ZeroOrderTrainer
 
 RANGES = [(0, 100), (5, 77), (13, 1000), (1 << 20, 3333), (7, 70_001)]
@@ -153,3 +160,139 @@ def test_non_finite_loss_skips_the_step():
         assert trainer.step(1, batch)[2] is None
     assert all(torch.equal(a, b)
                for a, b in zip(model.parameters(), ref.parameters(), strict=True))
+
+
+# ------------------------------------------------ the torch reference path, bit for bit
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Force the torch reference path (what non-CPU devices and other dtypes take) on
+    the CPU, where it can be compared with the compiled kernels."""
+    def force() -> None:
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    return force
+
+
+def _every_kernel(key: int, start: int, n: int, dist: Distribution) -> dict[str, torch.Tensor]:
+    """Every primitive's output on fixed inputs (fresh tensors: no state between calls)."""
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, generator=gen)
+    out = {"fill": kernels.fill(key, start, n, dist)}
+    out["plus"], out["minus"] = kernels.perturb_pair(key, start, w, 1e-3, dist)
+    updated = w.clone()
+    kernels.update_(key, start, updated, 1e-2, -3.7, 0.1, dist)
+    out["update"] = updated
+    fused = w.clone()
+    plus, minus = kernels.update_perturb(key, 1e-2, 2.5, 0.1, key ^ 1, 1e-3, start, fused, dist)
+    out.update(fused=fused, fused_plus=plus, fused_minus=minus)
+    keys = np.array([param_key(s, "w") for s in range(9)], dtype=np.uint64)
+    coefs = np.random.default_rng(n).integers(-(1 << 30), 1 << 30, 9)
+    acc = torch.randint(-(1 << 40), 1 << 40, (n,), generator=gen)
+    kernels.replay_(keys, coefs, kernels.exact_groups(coefs, dist), start, acc, dist)
+    out["replay"] = acc
+    applied = torch.empty(n)
+    kernels.apply(w, acc, 3e-7 / 2**28, applied)
+    out["apply"] = applied
+    rows = torch.tensor([3, 0, 7])
+    out["rows_plus"], out["rows_minus"] = kernels.perturb_rows(
+        key, torch.randn(8, 33, generator=gen), rows, 1e-3, dist)
+    return out
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("start,n", RANGES)
+def test_reference_path_is_bit_identical_to_the_compiled_kernels(dist, start, n, reference_path):
+    key = param_key(5, "model.layers.1.mlp.up_proj.weight")
+    want = _every_kernel(key, start, n, dist)
+    reference_path()
+    got = _every_kernel(key, start, n, dist)
+    for name, value in want.items():
+        assert value.dtype == got[name].dtype and torch.equal(value, got[name]), name
+
+
+def test_reference_replay_blocks_compose(monkeypatch, reference_path):
+    """The reference replay splits (seeds × elements) into blocks; any split is exact."""
+    reference_path()
+    n = 10_000
+    keys = np.array([param_key(s, "w") for s in range(30)], dtype=np.uint64)
+    coefs = np.random.default_rng(2).integers(-(1 << 30), 1 << 30, 30)
+    ends = kernels.exact_groups(coefs, "gaussian")
+    whole = torch.zeros(n, dtype=torch.int64)
+    kernels.replay_(keys, coefs, ends, 0, whole, "gaussian")
+    monkeypatch.setattr(kernels, "REFERENCE_BLOCK", 777)  # blocks of 777 elements, 1 seed
+    split = torch.zeros(n, dtype=torch.int64)
+    kernels.replay_(keys, coefs, ends, 0, split, "gaussian")
+    assert torch.equal(whole, split)
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (2, 24), generator=gen)
+    labels = ids.clone()
+    labels[:, :10] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _train(model, steps: int = 3) -> list[tuple[float, float, float | None]]:
+    trainer = ZeroOrderTrainer(model, eps=1e-3, lr=1e-2, weight_decay=0.1)
+    with trainer.attached():
+        return [trainer.step(100 + i, _batch(i)) for i in range(steps)]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_zo_step_on_the_reference_path_is_bit_identical(name, reference_path):
+    native_model, reference_model = _tiny(name), _tiny(name)
+    want = _train(native_model)
+    reference_path()
+    assert _train(reference_model) == want  # same losses, hence the same g
+    assert all(torch.equal(a, b) for a, b in
+               zip(native_model.parameters(), reference_model.parameters(), strict=True))
+
+
+def test_apply_step_is_what_a_step_leaves():
+    model, again = _tiny(), _tiny()
+    (_, _, g), = _train(model, steps=1)
+    assert g is not None
+    ZeroOrderTrainer(again, eps=1e-3, lr=1e-2, weight_decay=0.1).apply_step(100, g)
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.parameters(), again.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("path", ["native", "reference"])
+def test_chunked_full_replay_equals_the_accumulator_replay(path, reference_path):
+    """client_replay = "full" (no accumulator kept, chunks of U) against the accumulator
+    replay the server and incremental clients use: the same bits, on either path."""
+    if path == "reference":
+        reference_path()
+    model = _tiny()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    keys = SeedKeys(list(range(200, 248)))
+    pool = np.random.default_rng(3).normal(size=48) * 20
+    pool[::5] = 0.0  # seeds a pool has not used yet
+    fix = to_fixed(pool)
+    replay = Replay(model, keys, "gaussian")
+    replay.move_to(fix)
+    replay.write(model, base, 1e-3)
+    want = [p.detach().clone() for p in model.parameters()]
+    for chunk in (1000, 4093, 1 << 20):  # not multiples of 16: directions split mid-group
+        rebuilt = _tiny()
+        with torch.no_grad():
+            for p in rebuilt.parameters():
+                p.fill_(7.0)  # whatever the weights were, the rebuild replaces them
+        assert rebuild(rebuilt, keys, "gaussian", fix, base.__getitem__, 1e-3, chunk) == 38
+        assert all(torch.equal(a, b) for a, b in zip(want, rebuilt.parameters(), strict=True))
+
+
+def test_replay_from_a_bfloat16_base_equals_its_float32_values():
+    """w0 may be the low-precision frozen base: it converts to float32 exactly."""
+    model = _tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    low = {n: p.detach().to(torch.bfloat16) for n, p in model.named_parameters()}
+    wide = {n: p.detach().clone() for n, p in model.named_parameters()}
+    keys, fix = SeedKeys([1, 2, 3]), to_fixed(np.array([4.0, -2.5, 9.0]))
+    rebuild(model, keys, "gaussian", fix, low, 1e-3)
+    want = _tiny()
+    rebuild(want, keys, "gaussian", fix, wide, 1e-3)
+    assert all(torch.equal(a, b)
+               for a, b in zip(model.parameters(), want.parameters(), strict=True))

@@ -48,7 +48,7 @@ def write_values(
     if chain is None:
         write_tensors(w, layout, dict(tensors), wire_dtype)
         return
-    flat = layout.flatten(dict(tensors), torch.float32)
+    flat = layout.flatten(dict(tensors), torch.float32).cpu()  # codecs run at the wire
     sizes = segments(layout)
     if feedback is not None:
         payload = feedback.encode(chain, flat, segments=sizes, generator=generator)

@@ -16,17 +16,19 @@ import torch.nn.functional as F
 from fedbits.data.batching import collate
 from fedbits.data.format import IGNORE_INDEX, Tokenized
 from fedbits.eval.common import inference, model_device
+from fedbits.train import label_logits
 
 
 def _batch_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """Summed next-token cross-entropy over the batch's scored labels, and their count.
 
     Labels are aligned with ``input_ids`` (Hugging Face convention), so position ``t``'s
-    logits predict label ``t + 1``. Computed in float32 whatever the model's dtype.
+    logits predict label ``t + 1``; only positions that predict a label go through the
+    LM head (:func:`~fedbits.train.label_logits`). Computed in float32 whatever the
+    model's dtype.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
+    logits, targets = label_logits(model, batch)
+    logits = logits.float()
     nll = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)),
         targets.reshape(-1),

@@ -27,6 +27,7 @@ from fedbits.compress import Chain, ErrorFeedback, parse_chain
 from fedbits.compress.tensors import read_values, write_values
 from fedbits.config import DType
 from fedbits.errors import ClientError
+from fedbits.frozen import Copied, copy_all
 from fedbits.methods._updates import (
     DeltaUpdate,
     DownlinkFill,
@@ -151,14 +152,19 @@ def trainable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class _DenseHalf:
-    """What both halves hold: the prepared model, its trainable tensors and their layout."""
+    """What both halves hold: the prepared model, its trainable tensors and their layout.
+
+    ``copied``: the base weights this method trains and so needs copies of (all of them
+    for FedAvg; none for LoRA, whose adapters are its own): the rest is the process's
+    one frozen base, shared by the server and client halves."""
 
     def __init__(
-        self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None
+        self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None,
+        copied: Copied = copy_all,
     ) -> None:
         self.ctx = ctx
         self.name = ctx.method
-        self.model = prepare(ctx.build_model())
+        self.model = prepare(ctx.build_model(copied))
         self.params = trainable_tensors(self.model)
         self.layout = Layout.of(self.params)
         self.wire_dtype = _DTYPES[ctx.options.wire_dtype]
@@ -168,13 +174,15 @@ class _DenseHalf:
 
 class DenseServer(_DenseHalf):
     def __init__(
-        self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None
+        self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None,
+        copied: Copied = copy_all,
     ) -> None:
-        super().__init__(ctx, prepare, chains)
+        super().__init__(ctx, prepare, chains, copied)
         self.optimizer = make_server_optimizer(list(self.params.values()), ctx.options)
-        # (round, body): every client of a round gets the same object, encoded (and
-        # sealed by the runtime) once
-        self._sent: tuple[int, bytes] | None = None
+        # (round, body, clients served): every client of a round gets the same object,
+        # encoded (and sealed by the runtime) once; dropped once the whole cohort has it,
+        # so the server does not hold a copy of the weights beside the sealed payload
+        self._sent: tuple[int, bytes, int] | None = None
 
     def downlink(self, round_: int, client: int) -> bytes:
         if self._sent is None or self._sent[0] != round_:
@@ -182,8 +190,12 @@ class DenseServer(_DenseHalf):
             gen = seeded_generator(self.ctx.seed, "downlink", round_)
             write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
                          chain=self.chains(round_, Direction.DOWN), generator=gen)
-            self._sent = (round_, w.getvalue())
-        return self._sent[1]
+            self._sent = (round_, w.getvalue(), 0)
+        _, body, served = self._sent
+        self._sent = (round_, body, served + 1)
+        if served + 1 >= self.ctx.cohort:
+            self._sent = None  # a later request this round encodes the same bytes again
+        return body
 
     def decode_uplink(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
         sender = f"client {client} uplink"
@@ -227,9 +239,9 @@ class DenseClient(_DenseHalf):
 
     def __init__(
         self, ctx: MethodContext, prepare: Prepare, chains: ChainPlan | None = None,
-        train_received_only: bool = False,
+        train_received_only: bool = False, copied: Copied = copy_all,
     ) -> None:
-        super().__init__(ctx, prepare, chains)
+        super().__init__(ctx, prepare, chains, copied)
         self.train_received_only = train_received_only
 
     def update(
@@ -244,6 +256,7 @@ class DenseClient(_DenseHalf):
         )
         r.finish()
         self.fill.receive(self.params, received)
+        del received  # a copy of the weights: not held through training
         after_step = None
         if self.train_received_only and sent_indices is not None:
             after_step = self._keep_only(sent_indices)
@@ -262,8 +275,8 @@ class DenseClient(_DenseHalf):
     def _keep_only(self, indices: torch.Tensor) -> Callable[[], None]:
         """A step hook that puts every trainable position not in ``indices`` back to its
         downloaded value (zero, or the initial value)."""
-        flat = torch.zeros(self.layout.numel, dtype=torch.bool)
-        flat[indices] = True
+        flat = torch.zeros(self.layout.numel, dtype=torch.bool, device=self.ctx.device)
+        flat[indices.to(self.ctx.device)] = True
         masks = self.layout.unflatten(flat)
 
         def reset_the_rest() -> None:

@@ -20,7 +20,7 @@ from fedbits.config import ClientsSection
 from fedbits.errors import ClientError
 from fedbits.methods.base import ClientData, ClientUpdate
 from fedbits.seeding import derive_seed
-from fedbits.train import local_train, make_optimizer
+from fedbits.train import gradient_checkpointing, local_train, make_optimizer
 
 
 def seeded_generator(*parts: int | str) -> torch.Generator:
@@ -35,7 +35,6 @@ class LocalChange:
     """What one client's local training produced."""
 
     delta: dict[str, torch.Tensor]  # trained tensor after minus before, by name
-    start: dict[str, torch.Tensor]  # the tensors before training
     loss: float  # mean training loss
     seconds: float  # time in the training loop
 
@@ -55,11 +54,14 @@ def train_change(
     batches = iterate_batches(data.items, cfg.batch_size, cfg.local_steps,
                               torch.Generator().manual_seed(data.seed), data.pad_id)
     began = time.perf_counter()
+    gradient_checkpointing(model, cfg.gradient_checkpointing)
     optimizer = make_optimizer(list(trained.values()), cfg)
     loss = local_train(model, batches, optimizer, after_step=after_step)
+    del optimizer  # its state (two tensors per trained one for AdamW) before the delta
     seconds = time.perf_counter() - began
-    delta = {n: p.detach() - start[n] for n, p in trained.items()}
-    return LocalChange(delta, start, loss, seconds)
+    # after minus before, in the buffers of "before": no third copy of what trained
+    delta = {n: start.pop(n).neg_().add_(p.detach()) for n, p in trained.items()}
+    return LocalChange(delta, loss, seconds)
 
 
 @dataclass
@@ -103,9 +105,9 @@ def weighted_change(
 ) -> torch.Tensor:
     """The sample-weighted mean of ``writers``' change to tensor ``name``, in float32."""
     total = sum(u.num_samples for u in writers)
-    acc = torch.zeros_like(like, dtype=torch.float32)
+    acc = torch.zeros_like(like, dtype=torch.float32)  # on the model's device
     for u in writers:
-        acc.add_(u.delta[name].float(), alpha=u.num_samples / total)
+        acc.add_(u.delta[name].to(acc.device, torch.float32), alpha=u.num_samples / total)
     return acc
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -63,7 +64,14 @@ class MethodContext:
     cohort: int  # clients sampled per round
     model_name: str  # model.name, for messages
     tokenizer: Any
-    build_model: Callable[[], PreTrainedModel]  # a fresh copy of the pretrained base model
+    build_model: Callable[..., PreTrainedModel]
+    """``build_model(copied=copy_all, master_dtype=torch.float32)``: the pretrained model
+    in a module tree of its own. Parameters ``copied(name)`` says yes to are private
+    copies (float32 master weights over a low-precision base); the rest alias the one
+    frozen base of the process: frozen, never to be written (fedbits.frozen). The default
+    copies everything, which is always safe; LoRA methods copy nothing."""
+    base_tensor: Callable[[str], torch.Tensor]  # a parameter's pretrained value, read-only
+    device: torch.device  # model.device resolved: where the halves compute
 
 
 @dataclass

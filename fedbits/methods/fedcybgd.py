@@ -54,6 +54,7 @@ from torch import nn
 from fedbits.compress import Chain, parse_chain
 from fedbits.config import Config, DType
 from fedbits.errors import ClientError, WireError
+from fedbits.frozen import copy_none, own
 from fedbits.methods._blocks import (
     BlockSchedule,
     Cohort,
@@ -128,7 +129,7 @@ def block_digest(tensors: Iterable[torch.Tensor]) -> int:
     """64-bit BLAKE2b of the tensors' bytes, in order."""
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
-        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return int.from_bytes(h.digest(), "little")
 
 
@@ -139,7 +140,9 @@ class BlockUpdate(DeltaUpdate):
 
 
 class _Structure:
-    """What both halves derive from the model: blocks, layouts, schedule."""
+    """What both halves derive from the model: blocks, layouts, schedule. The model's
+    decoder layers (the universe) become its own float32 copies; the embeddings, the
+    head and the final norm stay the process's shared frozen base."""
 
     def __init__(self, ctx: MethodContext, model: nn.Module) -> None:
         opts: FedCyBGDOptions = ctx.options
@@ -149,6 +152,7 @@ class _Structure:
         schedule = BlockSchedule(len(layers), "client", opts.order, ctx.seed,
                                  ctx.cohort, per_block=2 if opts.agg else 1)
         self.subset = Subset.build(names, [set(layer) for layer in layers], schedule)
+        own(model, list(self.subset.universe), torch.float32)
         params = dict(model.named_parameters())
         self.layouts = [Layout.of({n: params[n] for n in block}) for block in self.subset.blocks]
         self.universe = Layout.of({n: params[n] for n in self.subset.universe})
@@ -181,7 +185,7 @@ class _Structure:
 
 class FedCyBGDServer:
     def __init__(self, ctx: MethodContext) -> None:
-        self.model = ctx.build_model()
+        self.model = ctx.build_model(copy_none)
         self.s = _Structure(ctx, self.model)
         train_only(self.model, ())  # the server never computes gradients
         all_params = dict(self.model.named_parameters())
@@ -276,13 +280,18 @@ class FedCyBGDServer:
 
 
 class FedCyBGDClient:
-    """Loads its model for every update (pretrained + the blocks in its store + what
+    """Rebuilds its model for every update (pretrained + the blocks in its store + what
     came down), as a device reading its weights from disk; nothing survives the call
-    except what the client store holds."""
+    except what the client store holds. One working model serves every client this
+    process simulates: the blocks the last update changed go back to their pretrained
+    values first."""
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
-        self.s = _Structure(ctx, ctx.build_model())
+        self.model = ctx.build_model(copy_none)
+        self.s = _Structure(ctx, self.model)
+        self.params = dict(self.model.named_parameters())
+        self.changed: set[int] = set()  # blocks that differ from the pretrained model
 
     def update(
         self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
@@ -294,9 +303,10 @@ class FedCyBGDClient:
         params = dict(model.named_parameters())
         trained = {n: params[n] for n in names}
         train_only(model, trained)
+        digest = block_digest(trained.values())  # the block it starts from
         change = train_change(model, trained, data, self.ctx.clients)
 
-        w = Writer().u32(data.num_samples).f32(change.loss).u64(block_digest(change.start.values()))
+        w = Writer().u32(data.num_samples).f32(change.loss).u64(digest)
         gen = seeded_generator(data.seed, "uplink")
         write_values(w, self.s.layouts[block], change.delta, wire_dtype=self.s.wire_dtype,
                      chain=self.s.up, generator=gen)
@@ -331,8 +341,11 @@ class FedCyBGDClient:
                     f"client {client}: its store holds the model as of round {held}, but the "
                     f"server sent the changes since round {since}"
                 )
-        model = self.ctx.build_model()
-        params = dict(model.named_parameters())
+        model, params = self.model, self.params
+        for b in sorted(self.changed):
+            for name in self.s.subset.blocks[b]:
+                params[name].copy_(self.ctx.base_tensor(name))
+        self.changed = {self.s.subset.select(round_, slot)[0]}  # the block it will train
         offset = 0
         for b, layout in enumerate(self.s.layouts):
             if b in sent:
@@ -347,6 +360,7 @@ class FedCyBGDClient:
                 flat = tensor_from_bytes(raw, self.s.dtype, layout.numel)
             else:
                 continue  # still pretrained
+            self.changed.add(b)
             for name, tensor in layout.unflatten(flat).items():
                 params[name].copy_(tensor)
         if keep:

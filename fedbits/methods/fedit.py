@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from fedbits.errors import ConfigError
+from fedbits.frozen import copy_none
 from fedbits.methods._dense import DenseClient, DenseOptions, DenseServer
 from fedbits.methods.base import MethodSpec
 from fedbits.methods.registry import register
@@ -58,8 +59,10 @@ register(
     MethodSpec(
         name="fedit",
         options=FedITOptions,
-        server=lambda ctx: DenseServer(ctx, partial(add_lora, opts=ctx.options)),
-        client=lambda ctx: DenseClient(ctx, partial(add_lora, opts=ctx.options)),
+        server=lambda ctx: DenseServer(ctx, partial(add_lora, opts=ctx.options),
+                                       copied=copy_none),
+        client=lambda ctx: DenseClient(ctx, partial(add_lora, opts=ctx.options),
+                                       copied=copy_none),
         summary="federated LoRA (FedIT): adapters both ways, sample-weighted mean",
     )
 )

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, parse_chain
+from fedbits.frozen import copy_none
 from fedbits.methods._dense import ADAPTIVE_SERVER_LR, ChainPlan, DenseClient, DenseServer
 from fedbits.methods.base import MethodContext, MethodSpec
 from fedbits.methods.fedit import FedITOptions, add_lora
@@ -119,12 +120,13 @@ def warn_if_plain_averaging_drifts(opts: FlascOptions) -> None:
 
 def _server(ctx: MethodContext) -> DenseServer:
     warn_if_plain_averaging_drifts(ctx.options)
-    return DenseServer(ctx, partial(prepare, opts=ctx.options), flasc_chains(ctx.options))
+    return DenseServer(ctx, partial(prepare, opts=ctx.options), flasc_chains(ctx.options),
+                       copied=copy_none)
 
 
 def _client(ctx: MethodContext) -> DenseClient:
     return DenseClient(ctx, partial(prepare, opts=ctx.options), flasc_chains(ctx.options),
-                       train_received_only=ctx.options.client_freeze)
+                       train_received_only=ctx.options.client_freeze, copied=copy_none)
 
 
 register(

@@ -41,6 +41,7 @@ from torch import nn
 from fedbits.compress import Chain, ErrorFeedback, parse_chain
 from fedbits.config import Config
 from fedbits.errors import ClientError
+from fedbits.frozen import copy_none, own
 from fedbits.methods._blocks import (
     Cohort,
     Subset,
@@ -97,7 +98,8 @@ class _PartialHalf:
     def __init__(self, ctx: MethodContext) -> None:
         opts: PartialOptions = ctx.options
         self.ctx, self.opts, self.name = ctx, opts, ctx.method
-        model = ctx.build_model()
+        # LoRA trains adapters of its own; else the half copies what its schedule can train
+        model = ctx.build_model(copy_none)
         self.model = add_lora(model, opts) if opts.lora else model
         # with LoRA only the adapters are candidates (peft froze the rest), else every weight
         candidates = {
@@ -107,6 +109,9 @@ class _PartialHalf:
             list(candidates), opts, seed=ctx.seed, cohort=ctx.cohort,
             model_name=f"model {ctx.model_name!r}",
         )
+        if not opts.lora:
+            own(self.model, list(self.subset.universe), torch.float32)
+            candidates = dict(self.model.named_parameters())
         self.params = {n: candidates[n] for n in self.subset.universe}
         train_only(self.model, self.params)
         self.layout = Layout.of(self.params)

@@ -6,12 +6,14 @@ and the same base weights for the same config and seed.
 
 from __future__ import annotations
 
-import copy
 import logging
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
 
 from fedbits.config import Config
@@ -19,7 +21,8 @@ from fedbits.data.examples import load_examples
 from fedbits.data.format import Tokenized, tokenize_all
 from fedbits.data.partition import partition, split_eval
 from fedbits.data.types import Example
-from fedbits.errors import DataError
+from fedbits.errors import DataError, ModelError
+from fedbits.frozen import Copied, FrozenBase, copy_all, resolve_device
 from fedbits.methods import MethodContext, get_method
 from fedbits.models import load_model
 from fedbits.seeding import derive_seed
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 class RunSetup:
     cfg: Config
     tokenizer: Any
-    base_model: PreTrainedModel
+    frozen: FrozenBase  # the one pretrained base of this process
     clients: list[list[Example]]
     eval_examples: list[Example]
     eval_items: list[Tokenized]
@@ -41,8 +44,17 @@ class RunSetup:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
-    def build_model(self) -> PreTrainedModel:
-        return copy.deepcopy(self.base_model)
+    def build_model(
+        self, copied: Copied = copy_all, master_dtype: torch.dtype | None = torch.float32
+    ) -> PreTrainedModel:
+        """A half's model over the shared frozen base (:meth:`FrozenBase.build`)."""
+        return self.frozen.build(copied, master_dtype)
+
+    def release_base(self) -> None:
+        """Every half of this process is built: drop the base if nothing aliases it."""
+        if self.frozen.release():
+            logger.info("every weight is trained by a half of its own: the frozen base is "
+                        "released (pretrained values are read back from disk when needed)")
 
     @property
     def max_payload_bytes(self) -> int:
@@ -61,6 +73,8 @@ class RunSetup:
             model_name=self.cfg.model.name,
             tokenizer=self.tokenizer,
             build_model=self.build_model,
+            base_tensor=self.frozen.tensor,
+            device=self.frozen.device,
         )
 
     def eligible_clients(self) -> list[int]:
@@ -93,9 +107,31 @@ def _log_truncation(cfg: Config, tokenizer: Any, train: list[Example],
                        "raise clients.max_length if the model allows")
 
 
+def deterministic_cuda() -> None:
+    """One seed reproduces a run on the same kind of GPU, and a resumed run continues it
+    bit for bit: cuBLAS and cuDNN are told to pick deterministic algorithms (cuBLAS
+    reads its workspace setting when it starts, so it is set before any CUDA work)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def _checkpoint_dir(model: PreTrainedModel) -> Path | None:
+    """Where the model's weights lie on disk (a save_pretrained directory), if anywhere."""
+    path = Path(str(getattr(model, "name_or_path", "") or ""))
+    return path if str(path) and path.is_dir() else None
+
+
 def prepare_run(cfg: Config) -> RunSetup:
+    try:
+        device = resolve_device(cfg.model.device)
+    except RuntimeError as e:
+        raise ModelError(str(e)) from None
+    if device.type == "cuda":
+        deterministic_cuda()
     model, tokenizer = load_model(cfg.model, seed=cfg.run.seed)
     model.eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
     examples = load_examples(
         cfg.data.source,
         seed=cfg.run.seed,
@@ -107,6 +143,7 @@ def prepare_run(cfg: Config) -> RunSetup:
     eval_examples = held_out[: cfg.eval.max_examples]
     eval_items, truncated = tokenize_all(tokenizer, eval_examples, cfg.clients.max_length)
     n_params = sum(p.numel() for p in model.parameters())
+    logger.debug("model on %s in %s", device, cfg.model.dtype)
     sizes = [len(c) for c in clients]
     if not any(sizes):
         raise DataError(f"data {cfg.data.source}: no training examples are left after holding "
@@ -125,4 +162,5 @@ def prepare_run(cfg: Config) -> RunSetup:
     if eligible < cfg.clients_per_round():
         logger.warning(f"only {eligible} of {cfg.data.num_clients} clients hold data, so a "
                        f"round samples {eligible}, not {cfg.clients_per_round()}")
-    return RunSetup(cfg, tokenizer, model, clients, eval_examples, eval_items, truncated)
+    frozen = FrozenBase(model, _checkpoint_dir(model))
+    return RunSetup(cfg, tokenizer, frozen, clients, eval_examples, eval_items, truncated)

@@ -6,6 +6,11 @@ ledger, rejection, metrics, checkpoints) is the shared
 :class:`~fedbits.runtime.loop.RoundLoop`, and each client's side is the shared
 :func:`~fedbits.runtime.client.run_client` a Flower node runs too; this runtime only
 carries the bytes.
+
+Nothing here grows with the number of clients: a client's store keeps at most
+``runtime.client_state_mb`` in memory and the rest on disk (:mod:`.store`), and a
+client's data is tokenised the first time it is sampled and kept compactly
+(:mod:`.tokens`), so memory follows the data trained on, not the clients or rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from fedbits.runtime.client import Reply, run_client
 from fedbits.runtime.loop import RoundLoop, Settle, client_data, describe_error
 from fedbits.runtime.setup import RunSetup
 from fedbits.runtime.store import ClientStores
+from fedbits.runtime.tokens import TokenCache
 
 __all__ = ["Reply", "Settle", "Simulation"]
 
@@ -31,7 +37,10 @@ class Simulation(RoundLoop):
     def __init__(self, setup: RunSetup, run_dir: Path) -> None:
         super().__init__(setup, run_dir)
         self.client = get_method(self.cfg.method.name).client(setup.method_context())
-        self.stores = ClientStores(run_dir / "client_store")
+        setup.release_base()  # both halves are built
+        self.stores = ClientStores(run_dir / "client_store",
+                                   int(self.cfg.runtime.client_state_mb * 1_000_000))
+        self.tokens = TokenCache(setup.tokenize, setup.clients)
 
     def exchange(self, round_: int, downlinks: dict[int, bytes], settle: Settle) -> None:
         """Train each client on its downlink and settle it before training the next, so
@@ -44,7 +53,7 @@ class Simulation(RoundLoop):
 
     def _train(self, round_: int, client: int, downlink: bytes) -> Reply:
         try:
-            items, truncated = self.setup.tokenize(self.setup.clients[client])
+            items, truncated = self.tokens.get(client)
             data = client_data(self.setup, items, round_, client)
             store = self.stores.for_client(client, round_)
             reply = run_client(self.client, self.cfg.method.name, round_, client, downlink,
@@ -56,6 +65,9 @@ class Simulation(RoundLoop):
 
     def commit_clients(self, round_: int) -> None:
         self.stores.commit(round_)
+        logger.debug("client store after round %d: %d B in memory (%d values), %s", round_,
+                     self.stores.memory_bytes(), self.stores.memory_entries(),
+                     self.stores.counters.as_dict())
 
     def recover_clients(self, round_: int) -> None:
         self.stores.recover(round_)

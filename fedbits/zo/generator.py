@@ -79,6 +79,17 @@ def max_abs_int(distribution: Distribution) -> int:
     return max(abs(v) for v in table_ints(distribution))
 
 
+@cache
+def table_on(
+    distribution: Distribution, device: torch.device, integer: bool = False
+) -> torch.Tensor:
+    """:func:`table` (float32) or the table × 4096 (int64, ``integer``) on ``device``,
+    copied there once: a direction on an accelerator then costs no host transfer."""
+    if integer:
+        return torch.tensor(table_ints(distribution), dtype=torch.int64, device=device)
+    return table(distribution).to(device)
+
+
 def param_key(seed: int, name: str) -> int:
     """The 64-bit key of (seed, parameter name); names are the model's state-dict names."""
     digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
@@ -93,11 +104,11 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def indices(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Table indices of elements ``start .. start+n`` (int64; uint32 maths in int64 lanes,
-    where products of two 32-bit values fit and are masked back to 32 bits)."""
-    k0, k1 = key & _MASK32, key >> 32
-    e = torch.arange(start, start + n, dtype=torch.int64, device=device)
+def _hash_indices(k0: int | torch.Tensor, k1: int | torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Table indices of the elements ``e`` (int64) for the key halves ``k0``/``k1`` (ints,
+    or int64 columns of shape (S, 1) for S keys at once, broadcasting against ``e``).
+    uint32 maths in int64 lanes: a product of two 32-bit values wraps in the top bit at
+    worst, and only its low 32 bits are kept, so every device computes the same integers."""
     j = e & 15
     c = ((e >> 4) * 8 + (j & 7)) & _MASK32
     h = _fmix32(((c * 0x9E3779B9) + k0) & _MASK32)
@@ -105,8 +116,33 @@ def indices(key: int, start: int, n: int, device: torch.device | str = "cpu") ->
     return torch.where(j < 8, (h >> 4) & 0xFFF, h >> 20)
 
 
+def _span(start: int, n: int, device: torch.device | str) -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.int64, device=device)
+
+
+def indices(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Table indices of elements ``start .. start+n`` (int64)."""
+    return _hash_indices(key & _MASK32, key >> 32, _span(start, n, device))
+
+
+def indices_at(key: int, elements: torch.Tensor) -> torch.Tensor:
+    """Table indices of arbitrary elements (an int64 tensor of flat positions, any shape),
+    on their device: e.g. the rows of an embedding that a batch looks up."""
+    return _hash_indices(key & _MASK32, key >> 32, elements)
+
+
+def indices_many(keys: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """:func:`indices` of elements ``start .. start+n`` for S keys at once, shape (S, n),
+    on ``keys``' device. ``keys`` is int64 holding the uint64 keys' bits (as
+    ``np.uint64`` arrays viewed as ``np.int64``)."""
+    column = keys.view(-1, 1)
+    k0, k1 = column & _MASK32, (column >> 32) & _MASK32  # >> sign-extends; the mask undoes it
+    return _hash_indices(k0, k1, _span(start, n, keys.device))
+
+
 def direction(
     key: int, start: int, n: int, distribution: Distribution, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """float32 values of elements ``start .. start+n`` (reference path, any device)."""
-    return table(distribution).to(device)[indices(key, start, n, device)]
+    dev = torch.device(device)
+    return table_on(distribution, dev)[indices(key, start, n, dev)]

@@ -15,6 +15,11 @@ generates two directions and writes the update: no full-size direction, gradient
 copy of the model is ever held (the largest temporaries are one layer's θ ± εz, and
 big matrices are processed in row chunks). Directions come from
 :mod:`fedbits.zo.generator`, keyed by (seed, parameter name).
+
+Any device: the batch moves to the model's device, perturbations and updates run the
+compiled kernels on CPU float32 and the torch reference elsewhere, with the same bits
+(:mod:`fedbits.zo.kernels`). Only the losses, hence g, depend on the device (matmuls
+round differently); given g, the update is the same everywhere (:meth:`apply_step`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbits.errors import ModelError
+from fedbits.frozen import autocast, model_device
 from fedbits.zo import kernels
 from fedbits.zo.generator import Distribution, param_key
 
@@ -207,23 +213,31 @@ class ZeroOrderTrainer:
         name = self._name_of[id(w)]
         if name in self._owed:
             self._pay(name)
+        if self._seed is None:
+            raise RuntimeError(f"{name}: perturbed outside a zeroth-order step's forward")
         rows, inverse = torch.unique(parts[0], return_inverse=True)  # both halves: same ids
-        dim = w.shape[1]
-        pairs = [self._pair(name, w, r * dim, dim, None) for r in rows.tolist()]
-        return [F.embedding(inverse, torch.stack([pm[h] for pm in pairs])) for h in (0, 1)]
+        pair = kernels.perturb_rows(param_key(self._seed, name), w.data, rows, self.eps,
+                                    self.distribution)
+        return [F.embedding(inverse, half) for half in pair]
 
     # -- the step -------------------------------------------------------------------
     @torch.no_grad()
     def step(self, seed: int, batch: dict[str, torch.Tensor]) -> tuple[float, float, float | None]:
-        """One two-point step; returns (L₊, L₋, g), g None when the step was skipped."""
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        """One two-point step; returns (L₊, L₋, g), g None when the step was skipped.
+        The batch may be on the CPU (as :mod:`fedbits.data.batching` makes it): it moves
+        to the model's device here, the one place every caller passes through."""
+        device = model_device(self.model)
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask",
+                                                           "labels"))
         keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # logits that have a target
         extra = {"logits_to_keep": keep} if self._keep_arg else {}
         self._seed, self._batch = seed, ids.shape[0]
         try:
-            logits = self.model(
-                input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]), **extra
-            ).logits
+            with autocast(self.model):  # a no-op unless some weights are low precision
+                logits = self.model(
+                    input_ids=torch.cat([ids, ids]), attention_mask=torch.cat([mask, mask]),
+                    **extra,
+                ).logits
         finally:
             self._seed = None
         if not self._keep_arg:
@@ -243,6 +257,16 @@ class ZeroOrderTrainer:
             self._pay(name)
         self._owed = {name: (seed, g) for name in self.params}
         return loss_plus, loss_minus, g
+
+    @torch.no_grad()
+    def apply_step(self, seed: int, g: float) -> None:
+        """Apply the update of a step with ``seed`` and scalar ``g`` now (after paying any
+        owed update): the weights :meth:`step` then :meth:`finish` leave, given that g.
+        The update depends only on (seed, g, lr, wd), never on the device, so this is
+        how the weights of runs whose losses (hence g) differ can still be compared."""
+        self.finish()
+        self._owed = {name: (seed, g) for name in self.params}
+        self.finish()
 
     def finish(self) -> None:
         """Pay every owed update: afterwards the model's weights are the trained ones."""

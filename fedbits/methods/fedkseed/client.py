@@ -2,7 +2,9 @@
 
 1. Apply the downloaded pool entries to the pool it keeps in its client store.
 2. Rebuild the model from its base weights and that pool by exact replay (only the
-   changed seeds when this process still holds its accumulator, else all of them).
+   changed seeds when this process still holds its accumulator, else all of them,
+   chunk by chunk). The base weights are not kept: they are the process's frozen base,
+   or read back from the checkpoint on disk one tensor at a time.
 3. τ two-point steps, each on a seed drawn from the pool (uniform; Pro: by the
    importance the server sent) and a batch of its data.
 4. Upload the (seed index, scalar) pairs, or the touched pool entries if smaller,
@@ -22,7 +24,7 @@ from fedbits.methods.base import ClientData, ClientResult, ClientStore, MethodCo
 from fedbits.methods.fedkseed import protocol
 from fedbits.seeding import derive_seed
 from fedbits.wire import Reader
-from fedbits.zo.replay import Replay, SeedKeys, to_fixed
+from fedbits.zo.replay import Replay, SeedKeys, rebuild, to_fixed
 from fedbits.zo.step import ZeroOrderTrainer
 
 POOL_KEY = "fedkseed-pool"
@@ -32,12 +34,15 @@ class FedKSeedClient:
     def __init__(self, ctx: MethodContext, pro: bool = False) -> None:
         self.ctx, self.opts, self.pro = ctx, ctx.options, pro
         cfg = ctx.clients
+        # every weight trains: a private float32 copy of each (float32 master weights
+        # over a bfloat16 base); w0 is read through ctx.base_tensor, never cloned
         self.model = ctx.build_model()
         self.model.eval()
-        self.base = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.keys = SeedKeys(protocol.pool_seeds(ctx.seed, self.opts.num_seeds))
-        self.cache = Replay(self.model, self.keys, self.opts.distribution) if (
-            self.opts.client_replay == "incremental") else None
+        # incremental keeps U (int64, twice the model) between rounds, made at the first
+        # sync (after the runtime has released the base, never alongside it); full keeps
+        # nothing
+        self.cache: Replay | None = None
         self.trainer = ZeroOrderTrainer(
             self.model, self.opts.eps, cfg.lr, cfg.weight_decay, self.opts.distribution
         )
@@ -53,10 +58,16 @@ class FedKSeedClient:
         return pool
 
     def sync(self, pool: np.ndarray) -> int:
-        """Make the model the one ``pool`` stands for; return the seeds replayed."""
-        replay = self.cache or Replay(self.model, self.keys, self.opts.distribution)
-        seeds = replay.move_to(to_fixed(pool))
-        replay.write(self.model, self.base, self.ctx.clients.lr)
+        """Make the model the one ``pool`` stands for; return the seeds replayed.
+        Always rewrites every weight (the last round's local steps are undone)."""
+        fix, lr = to_fixed(pool), self.ctx.clients.lr
+        if self.opts.client_replay == "full":  # chunk by chunk, no accumulator kept
+            return rebuild(self.model, self.keys, self.opts.distribution, fix,
+                           self.ctx.base_tensor, lr)
+        if self.cache is None:
+            self.cache = Replay(self.model, self.keys, self.opts.distribution)
+        seeds = self.cache.move_to(fix)
+        self.cache.write(self.model, self.ctx.base_tensor, lr)
         return seeds
 
     def _seed_indices(self, steps: int, seed: int, importance: np.ndarray | None) -> list[int]:

@@ -38,9 +38,13 @@ def pool_seeds(run_seed: int, num_seeds: int) -> list[int]:
 
 
 def model_digest(model: nn.Module) -> int:
+    """CRC-32 of the weights' bytes, one tensor at a time (a model on an accelerator is
+    read back a tensor at a time: replay gives the same bits on every device, so server
+    and client digests agree whichever device each runs on)."""
     crc = 0
     for _, p in model.named_parameters():
-        crc = zlib.crc32(p.detach().contiguous().view(torch.uint8).numpy().data, crc)
+        host = p.detach().to("cpu").contiguous()
+        crc = zlib.crc32(host.view(torch.uint8).numpy().data, crc)
     return crc
 
 

@@ -4,7 +4,9 @@ The exact pool is float64; what clients receive, and what defines the global mod
 is the *published* pool: the exact pool quantised once per round to the downlink's
 scalar type (:func:`~fedbits.methods.fedkseed.wire.quantize` over all K entries).
 Quantising afresh from the exact pool each round keeps the rounding error from
-accumulating. The server replays only the seeds whose published scalar changed.
+accumulating. The server replays only the seeds whose published scalar changed: it
+keeps the int64 accumulator U between rounds (twice a float32 model), and reads the
+base weights w0 through ``ctx.base_tensor`` when it writes the model (no copy kept).
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ class FedKSeedServer:
     def __init__(self, ctx: MethodContext, pro: bool = False) -> None:
         self.ctx, self.opts, self.pro = ctx, ctx.options, pro
         self.lr = ctx.clients.lr
-        self.model = ctx.build_model()
+        self.model = ctx.build_model()  # float32 master copy of every weight
         self.model.eval()
-        self.base = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.keys = SeedKeys(protocol.pool_seeds(ctx.seed, self.opts.num_seeds))
         self.replay = Replay(self.model, self.keys, self.opts.distribution)
         k = self.opts.num_seeds
@@ -107,7 +108,7 @@ class FedKSeedServer:
         the seeds replayed."""
         self.published = quantize(self.pool, self.opts.pool_format())
         seeds = self.replay.move_to(to_fixed(self.published))
-        self.replay.write(self.model, self.base, self.lr)
+        self.replay.write(self.model, self.ctx.base_tensor, self.lr)
         self.digest = protocol.model_digest(self.model)
         return seeds
 

@@ -66,6 +66,7 @@ class NodeSession:
         self.setup = prepare_run(cfg)
         self.items, self.truncated = self.setup.tokenize(self.setup.clients[partition])
         self.client = get_method(cfg.method.name).client(self.setup.method_context())
+        self.setup.release_base()  # this process holds the client half only
         self.stores = ClientStores(root / "runs" / store / "client_store")
         self.setup_seconds = time.perf_counter() - start
 

@@ -245,7 +245,9 @@ def main(grid: Grid, context: Context) -> None:
         store = store_id(run_dir, cfg, resume)
         directory = NodeDirectory(grid, store)
         directory.poll()  # nodes load the model while this process does the same
-        loop = FlowerLoop(prepare_run(cfg), run_dir, grid, directory)
+        setup = prepare_run(cfg)
+        loop = FlowerLoop(setup, run_dir, grid, directory)
+        setup.release_base()  # this process holds the server half only
         open_run_dir(cfg, resume, overwrite)
         if not resume:
             save_store_id(run_dir, store)

@@ -1,0 +1,197 @@
+"""Issue 15: one frozen base per process, devices, low precision, label-only loss.
+
+Everything here runs on the CPU with tiny random models; the same code paths run on
+CUDA under the ``gpu`` marker where a GPU exists.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedbits.config import ClientsSection, ModelSection
+from fedbits.errors import ConfigError
+from fedbits.frozen import FrozenBase, copy_none, own, resolve_device
+from fedbits.models import load_model
+from fedbits.resolve import load_config
+from fedbits.runtime import open_run_dir
+from fedbits.runtime.setup import prepare_run
+from fedbits.runtime.simulation import Simulation
+from fedbits.train import completion_loss, gradient_checkpointing
+
+from conftest import TINY
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _sim(tmp_path, method: str, *extra: str) -> Simulation:
+    cfg = load_config(TINY, [f"run.out_dir={tmp_path}", "run.name=run", f"method.name={method}",
+                             "eval.metrics=['loss']", *extra])
+    sim = Simulation(prepare_run(cfg), tmp_path / "run")
+    open_run_dir(cfg, False, False)
+    return sim
+
+
+def _base_storages(sim: Simulation) -> set[int]:
+    return {_storage(p) for p in sim.setup.frozen.model.parameters()}
+
+
+@pytest.mark.parametrize("method", ["fedit", "flasc"])
+def test_lora_halves_share_one_base_and_never_write_it(tmp_path, method):
+    sim = _sim(tmp_path, method, "run.rounds=1")
+    base = _base_storages(sim)
+    before = {n: p.detach().clone() for n, p in sim.setup.frozen.model.named_parameters()}
+    for half in (sim.server.model, sim.client.model):
+        frozen = [p for p in half.parameters() if not p.requires_grad]
+        assert frozen and all(_storage(p) in base for p in frozen)  # aliased, not copied
+        trained = [p for p in half.parameters() if p.requires_grad]
+        assert trained and not any(_storage(p) in base for p in trained)
+    sim.run()
+    for n, p in sim.setup.frozen.model.named_parameters():
+        assert torch.equal(before[n], p), f"the shared base changed: {n}"
+
+
+def test_fedavg_halves_copy_what_they_train(tmp_path):
+    sim = _sim(tmp_path, "fedavg", "run.rounds=1")
+    base = _base_storages(sim)
+    server = {_storage(p) for p in sim.server.model.parameters()}
+    client = {_storage(p) for p in sim.client.model.parameters()}
+    assert not (server & base) and not (client & base) and not (server & client)
+
+
+@pytest.mark.parametrize("method", ["partial", "fedcybgd"])
+def test_block_methods_copy_only_the_layers_they_train(tmp_path, method):
+    sim = _sim(tmp_path, method, "run.rounds=2")
+    base = _base_storages(sim)
+    before = {n: p.detach().clone() for n, p in sim.setup.frozen.model.named_parameters()}
+    shared = {n for n, p in sim.client.model.named_parameters() if _storage(p) in base}
+    assert any("embed" in n for n in shared)  # the frozen embedding is not copied
+    assert not any(".layers." in n for n in shared) or method == "partial"
+    sim.run()
+    for n, p in sim.setup.frozen.model.named_parameters():
+        assert torch.equal(before[n], p), f"the shared base changed: {n}"
+
+
+def test_own_keeps_tied_weights_tied_and_promotes_to_float32():
+    model, _ = load_model(ModelSection(name="tiny-gpt2", dtype="bfloat16"), seed=0)
+    base = FrozenBase(model)
+    half = base.build(copy_none)
+    own(half, ["transformer.wte.weight"], torch.float32)
+    assert half.transformer.wte.weight is half.lm_head.weight  # still tied
+    assert half.transformer.wte.weight.dtype == torch.float32
+    assert half.transformer.wte.weight.requires_grad
+    assert model.transformer.wte.weight.dtype == torch.bfloat16  # the base is untouched
+    assert half.transformer.h[0].attn.c_attn.weight is model.transformer.h[0].attn.c_attn.weight
+
+
+def test_released_base_reads_pretrained_values_back_from_disk(tmp_path):
+    model, _ = load_model(ModelSection(name="tiny-llama"), seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base = FrozenBase(model, tmp_path / "ckpt")
+    half = base.build()  # copies everything: nothing aliases the base
+    assert base.release() and base.released
+    for name, value in expected.items():
+        assert torch.equal(base.tensor(name), value)
+    with torch.no_grad():
+        next(half.parameters()).add_(1.0)  # the half's copy, not the base
+    assert torch.equal(base.tensor(next(iter(expected))), next(iter(expected.values())))
+
+
+def test_a_base_shared_by_a_half_or_without_checkpoint_is_kept(tmp_path):
+    model, _ = load_model(ModelSection(name="tiny-llama"), seed=3)
+    assert not FrozenBase(model).release()  # no checkpoint on disk: random weights
+    model.save_pretrained(tmp_path / "ckpt")
+    base = FrozenBase(model, tmp_path / "ckpt")
+    base.build(copy_none)
+    assert not base.release()
+
+
+def test_label_only_loss_equals_the_models_own_loss():
+    model, tok = load_model(ModelSection(name="tiny-llama"), seed=0)
+    ids = torch.randint(3, 200, (3, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    labels[1, :15] = -100
+    labels[2, 20:] = -100
+    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    own_loss = model(**batch).loss
+    ours = completion_loss(model, batch)
+    assert torch.allclose(ours, own_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for enabled in (False, True):
+        model, _ = load_model(ModelSection(name="tiny-llama"), seed=0)
+        model.train()
+        gradient_checkpointing(model, enabled)
+        ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        completion_loss(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], atol=1e-6), n
+
+
+def test_gradient_checkpointing_runs_a_round(tmp_path):
+    sim = _sim(tmp_path, "fedit", "run.rounds=1", "clients.gradient_checkpointing=true")
+    sim.run()
+    assert sim.client.model.get_base_model().is_activation_checkpointing
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedavg", "partial"])
+def test_bfloat16_base_trains_float32_master_weights(tmp_path, method):
+    sim = _sim(tmp_path, method, "run.rounds=1", "model.dtype=bfloat16")
+    trained = [p for p in sim.client.model.parameters() if p.requires_grad]
+    frozen = [p for p in sim.client.model.parameters() if not p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert all(p.dtype == torch.bfloat16 for p in frozen)
+    sim.run()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and '"rejected": {}' in rows[1]
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:123", "tpu"])
+def test_bad_device_names_are_refused(device):
+    with pytest.raises(ConfigError, match="model.device"):
+        load_config(None, [f"model.device={device}"])
+
+
+def test_auto_device_is_the_cpu_here_and_cpu_runs(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: auto picks it")
+    assert resolve_device("auto") == torch.device("cpu")
+    sim = _sim(tmp_path, "fedit", "run.rounds=1", "model.device=cpu")
+    assert sim.setup.frozen.device == torch.device("cpu")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    cfg = load_config(TINY, ["model.device=cuda"])
+    with pytest.raises(Exception, match="no CUDA device"):
+        prepare_run(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fedit", "flasc", "fedavg", "partial", "fedcybgd"])
+def test_a_round_on_cuda_matches_the_cpu(tmp_path, method):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    losses = []
+    for device in ("cpu", "cuda"):
+        sim = _sim(tmp_path / device, method, "run.rounds=1", f"model.device={device}")
+        sim.run()
+        row = (tmp_path / device / "run" / "metrics.jsonl").read_text().splitlines()[-1]
+        losses.append(json.loads(row)["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_clients_section_defaults_keep_checkpointing_off():
+    assert ClientsSection().gradient_checkpointing is False
