@@ -77,7 +77,7 @@ print(json.dumps({
 """
 
 
-def bench_one(method: str, model: str, out_dir: Path) -> dict:
+def bench_one(method: str, model: str, out_dir: Path, extra: list[str]) -> dict:
     example = REPO / "examples" / ("tiny.toml" if model.startswith("tiny") else "quickstart.toml")
     raw = tomllib.loads(example.read_text())
     if raw["method"]["name"] != method:  # the example's method options belong to its method
@@ -87,7 +87,7 @@ def bench_one(method: str, model: str, out_dir: Path) -> dict:
     overrides = [
         f"run.out_dir={out_dir}", f"run.name={method}-{model}", "run.rounds=2",
         f"model.name={model}", "eval.metrics=['loss']",
-        "eval.max_examples=8", "clients.per_round=2", "clients.local_steps=2",
+        "eval.max_examples=8", "clients.per_round=2", "clients.local_steps=2", *extra,
     ]
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(base), *overrides],
                           capture_output=True, text=True, cwd=REPO)
@@ -100,6 +100,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(TARGETS) + ["partial", "fedcybgd"])
     p.add_argument("--models", nargs="+", default=["tiny-llama", "smollm2-135m"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra overrides, e.g. clients.gradient_checkpointing=true")
+    p.add_argument("--out", type=Path, default=RESULTS / "round_cost.json")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = []
@@ -107,13 +110,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for method in args.methods:
-                res = bench_one(method, model, Path(tmp))
+                res = bench_one(method, model, Path(tmp), args.set)
                 if model == "smollm2-135m" and method in TARGETS and "error" not in res:
                     res["target"] = TARGETS[method]
                     res["meets_target"] = res["round_peak_over_fp32_model"] <= TARGETS[method]
                 print(json.dumps(res))
                 results.append(res)
-    out = RESULTS / "round_cost.json"
+    out = args.out
     out.write_text(json.dumps({
         "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
@@ -121,6 +124,7 @@ def main() -> None:
         "settings": "2 rounds (peak over both, bytes and seconds of round 1), 2 clients, "
                     "2 local steps, no evaluation; tiny: examples/tiny.toml, smollm2-135m: "
                     "examples/quickstart.toml (batch 8, max_length 128)",
+        "overrides": args.set,
         "results": results,
     }, indent=2))
     print(f"wrote {out}")

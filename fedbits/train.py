@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,40 +14,56 @@ from fedbits.config import ClientsSection
 from fedbits.errors import ClientError
 from fedbits.frozen import autocast, model_device
 
+_HEAD_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config keys of architectures whose logits are not just ``lm_head(hidden)``."""
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model's forward can compute logits at chosen positions only (every
-    Hugging Face causal LM of recent transformers; a PeftModel passes it through)."""
-    base = getattr(model, "get_base_model", lambda: model)()
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+def _decoder_and_head(model: nn.Module) -> tuple[Any, nn.Module] | None:
+    """The decoder stack and the LM head, when the logits are exactly ``head(hidden)``
+    (Llama, Mistral, Qwen, GPT-2, ...; a PeftModel's LoRA layers sit inside the stack)."""
+    base: Any = getattr(model, "get_base_model", lambda: model)()
+    prefix = getattr(base, "base_model_prefix", "")
+    decoder = getattr(base, prefix, None) if prefix else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    config = getattr(base, "config", None)
+    if decoder is None or decoder is base or not isinstance(head, nn.Module):
+        return None
+    if any(getattr(config, key, None) for key in _HEAD_CHANGES):
+        return None
+    return decoder, head
 
 
 def label_logits(
     model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits of the positions that predict some row's label, and those labels.
+    """``(logits, targets)`` of the positions that predict a label, as ``[n, vocab]`` and
+    ``[n]`` (Hugging Face alignment: position t predicts label t + 1).
 
-    Only those positions go through the LM head (``logits_to_keep``), so the vocabulary
-    logits of the prompt are never materialised: with a 49,152-token vocabulary they
-    are most of a step's activation memory."""
+    The decoder's hidden states are selected at those positions before the LM head, so
+    the vocabulary logits of the prompts are never materialised: with a 49,152-token
+    vocabulary they would be most of a step's activation memory. An architecture that
+    post-processes its logits (soft-capping, scaling) computes them through its own
+    forward, for the positions any row needs (``logits_to_keep``)."""
     from fedbits.data.format import IGNORE_INDEX  # fedbits.data imports datasets: not at import
 
-    labels = batch["labels"]
-    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "use_cache": False}
-    if _takes_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        logits = model(**inputs).logits[:, keep]
-    return logits, labels[:, keep + 1]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    target = batch["labels"][:, 1:]
+    split = _decoder_and_head(model)
+    if split is not None:
+        decoder, head = split
+        rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        return head(hidden[rows, cols]), target[rows, cols]
+    keep = (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, keep]
+    return logits.flatten(0, 1), target[:, keep].flatten()
 
 
 def completion_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the batch's scored labels (the completions):
     the model's own ``loss`` (same tokens, same mean) without the prompt's logits."""
     logits, targets = label_logits(model, batch)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
 
 def gradient_checkpointing(model: nn.Module, enabled: bool) -> None:

@@ -111,8 +111,10 @@ def test_a_base_shared_by_a_half_or_without_checkpoint_is_kept(tmp_path):
     assert not base.release()
 
 
-def test_label_only_loss_equals_the_models_own_loss():
-    model, tok = load_model(ModelSection(name="tiny-llama"), seed=0)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_label_only_loss_equals_the_models_own_loss(name):
+    model, tok = load_model(ModelSection(name=name), seed=0)
+    model.eval()  # no dropout: both losses see the same network
     ids = torch.randint(3, 200, (3, 24), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :10] = -100
