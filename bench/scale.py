@@ -8,9 +8,8 @@ nothing is downloaded; bytes on the wire, memory and compute depend only on the 
 Measured per pair: bytes per client per round (up and down, from ``metrics.jsonl``),
 peak RSS of the simulation process (server and client halves and the evaluation
 together), and seconds per local step (the training loop's time, first step included,
-divided by ``clients.local_steps``). FedAvg is skipped where its estimate (about 6x the
-float32 parameters: global model, client copy, AdamW's two moments, delta, gradient)
-exceeds 80% of this machine's memory. Writes ``bench/results/scale.json`` (after every
+divided by ``clients.local_steps``). FedAvg is skipped where its estimate (about 12x
+the float32 parameters, :data:`FEDAVG_BYTES_PER_PARAM`) exceeds 80% of this machine's memory. Writes ``bench/results/scale.json`` (after every
 pair, so an interrupted bench keeps what it measured) and ``scale.png`` next to it.
 
     python bench/scale.py                                  # everything: ~30-40 min, 2 cores
@@ -44,9 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 METHODS = ["fedavg", "fedit", "flasc", "partial", "fedcybgd", "fedkseed", "fedkseed-pro"]
 MODELS = ["smollm2-135m", "random:llama-360m", "random:llama-1b"]
-FEDAVG_BYTES_PER_PARAM = 6 * 4
-"""FedAvg's memory estimate: six float32 copies of the model (global, client, AdamW's two
-moments, gradient, delta)."""
+FEDAVG_BYTES_PER_PARAM = 12 * 4
+"""FedAvg's memory estimate: about twelve float32 copies of the model in one process, as
+``bench/round_cost.py`` measures on smollm2-135m (server and client weights, gradient,
+AdamW's two moments, start values, the sealed downlink and its opened body, another
+client's decoded update, encoding temporaries)."""
 MEMORY_FRACTION = 0.8
 
 SETTINGS = [
