@@ -9,8 +9,9 @@ Measured per pair: bytes per client per round (up and down, from ``metrics.jsonl
 peak RSS of the simulation process (server and client halves and the evaluation
 together), and seconds per local step (the training loop's time, first step included,
 divided by ``clients.local_steps``). FedAvg is skipped where its estimate (about 12x
-the float32 parameters, :data:`FEDAVG_BYTES_PER_PARAM`) exceeds 80% of this machine's memory. Writes ``bench/results/scale.json`` (after every
-pair, so an interrupted bench keeps what it measured) and ``scale.png`` next to it.
+the float32 parameters, :data:`FEDAVG_BYTES_PER_PARAM`) exceeds 80% of this machine's
+memory. Writes ``bench/results/scale.json`` (after every pair, so an interrupted bench
+keeps what it measured) and ``scale.png`` next to it.
 
     python bench/scale.py                                  # everything: ~30-40 min, 2 cores
     python bench/scale.py --models random:llama --methods fedit \\

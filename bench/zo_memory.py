@@ -39,6 +39,7 @@ import os
 import resource
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +140,12 @@ def child(mode: str, model_name: str, steps: int, sync_seeds: int) -> dict[str, 
             options=FedKSeedOptions(num_seeds=NUM_SEEDS, eps=5e-4,
                                     client_replay=mode.removeprefix("client_")),
             seed=0, clients=ClientsSection(lr=LR, local_steps=steps, batch_size=1),
-            cohort=1, model_name=model_name, tokenizer=tok, build_model=frozen.build,
+            cohort=1, model_name=model_name, tokenizer=tok,
+            build_model=partial(frozen.build, take=True),  # the process's only half
             base_tensor=frozen.tensor, device=frozen.device,
         )
         client = FedKSeedClient(ctx)
-        result["base_released"] = frozen.release()  # the runtime does this once built
+        result["base_released"] = frozen.release() or frozen.released  # taken, or now
         phases.start("replay")
         pool = np.zeros(NUM_SEEDS)
         pool[np.random.default_rng(0).choice(NUM_SEEDS, sync_seeds, replace=False)] = 50.0

@@ -101,15 +101,30 @@ class FrozenBase:
     def released(self) -> bool:
         return self._model is None
 
-    def build(self, copied: Copied = copy_all, master_dtype: torch.dtype | None = None) -> Any:
+    def build(
+        self, copied: Copied = copy_all, master_dtype: torch.dtype | None = None,
+        take: bool = False,
+    ) -> Any:
         """A module tree of its own over the base: every parameter and buffer is the base's
         own tensor, frozen, except those ``copied`` says yes to, which :func:`own` makes
         private and trainable. Never write to an aliased tensor: every half in the process
-        would see it."""
+        would see it.
+
+        ``take``: this is the last half the process builds. When it copies every tensor
+        in the base's own dtype and the base can be read back from disk, it takes the
+        base's tensors instead of copying them and the base is released: a node running
+        FedAvg or FedKSeed holds one model, not two."""
         base = self.model
         memo: dict[int, Any] = {id(t): t for t in (*base.parameters(), *base.buffers())}
         model = copy.deepcopy(base, memo)
         names = [n for n in self.names if copied(n)]
+        same_dtype = master_dtype is None or master_dtype == self.dtype
+        if take and len(names) == len(self.names) and same_dtype and self._can_release():
+            model.requires_grad_(True)
+            self._model = None
+            logger.debug("the last half took the frozen base's tensors; pretrained values "
+                         "are now read from %s", self.checkpoint_dir)
+            return model
         own(model, names, master_dtype)
         self._aliased = self._aliased or len(names) < len(self.names)
         return model
@@ -133,19 +148,19 @@ class FrozenBase:
         """Drop the base once every half of the process is built, when no half shares
         any of its tensors and its values can be read back from disk; return whether it
         was dropped."""
-        if self._model is None or self.checkpoint_dir is None or self._aliased:
-            return False
-        if not self._checkpoint_covers():
+        if self._model is None or not self._can_release():
             return False
         self._model = None
         logger.debug("frozen base released; pretrained values now read from %s",
                      self.checkpoint_dir)
         return True
 
-    def _checkpoint_covers(self) -> bool:
+    def _can_release(self) -> bool:
+        """No half shares a base tensor and the checkpoint on disk holds every one."""
+        if self.checkpoint_dir is None or self._aliased:
+            return False
         from safetensors import safe_open
 
-        assert self.checkpoint_dir is not None
         keys: set[str] = set()
         for path in self.checkpoint_dir.glob("*.safetensors"):
             with safe_open(str(path), framework="pt") as f:

@@ -102,6 +102,51 @@ def test_released_base_reads_pretrained_values_back_from_disk(tmp_path):
     assert torch.equal(base.tensor(next(iter(expected))), next(iter(expected.values())))
 
 
+def test_the_last_half_takes_the_base_instead_of_copying_it(tmp_path):
+    model, _ = load_model(ModelSection(name="tiny-llama"), seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    storages = {_storage(p) for p in model.parameters()}
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base = FrozenBase(model, tmp_path / "ckpt")
+    first = base.build()  # another half: a copy
+    assert not storages & {_storage(p) for p in first.parameters()}
+    last = base.build(take=True)
+    assert {_storage(p) for p in last.parameters()} == storages  # no second copy
+    assert all(p.requires_grad for p in last.parameters()) and base.released
+    with torch.no_grad():
+        for p in last.parameters():
+            p.add_(1.0)
+    for name, value in expected.items():  # the pretrained values come from disk
+        assert torch.equal(base.tensor(name), value)
+    with pytest.raises(RuntimeError, match="released"):
+        base.build()
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedkseed"])
+def test_in_the_simulator_the_client_takes_a_base_that_is_on_disk(tmp_path, method):
+    model, tokenizer = load_model(ModelSection(name="tiny-llama"), seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    sim = _sim(tmp_path, method, "run.rounds=2", f"model.name={tmp_path / 'ckpt'}")
+    assert sim.setup.frozen.released
+    server = {_storage(p) for p in sim.server.model.parameters()}
+    assert not server & {_storage(p) for p in sim.client.model.parameters()}
+    sim.run()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all('"rejected": {}' in row for row in rows)
+
+
+def test_a_half_that_shares_the_base_does_not_take_it(tmp_path):
+    model, _ = load_model(ModelSection(name="tiny-llama"), seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    base = FrozenBase(model, tmp_path / "ckpt")
+    base.build(copy_none)
+    last = base.build(take=True)
+    assert not base.released
+    assert not {_storage(p) for p in last.parameters()} & {
+        _storage(p) for p in model.parameters()}
+
+
 def test_a_base_shared_by_a_half_or_without_checkpoint_is_kept(tmp_path):
     model, _ = load_model(ModelSection(name="tiny-llama"), seed=3)
     assert not FrozenBase(model).release()  # no checkpoint on disk: random weights

@@ -100,11 +100,16 @@ def _summary_line(row: dict[str, Any], rounds: int) -> str:
 class RoundLoop(ABC):
     """A run's server side, whatever carries the bytes; runtimes implement :meth:`exchange`."""
 
+    server_half_only: bool = True
+    """Whether the server half is the only half this process builds (on Flower it is; the
+    simulator builds the client half after it)."""
+
     def __init__(self, setup: RunSetup, run_dir: Path) -> None:
         self.setup = setup
         self.cfg = setup.cfg
         self.run_dir = run_dir
-        self.server = get_method(self.cfg.method.name).server(setup.method_context())
+        context = setup.method_context(last_half=self.server_half_only)
+        self.server = get_method(self.cfg.method.name).server(context)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.ledger = Ledger(run_dir / "ledger.jsonl")
         self.cum_bytes = 0

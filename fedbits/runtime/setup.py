@@ -10,6 +10,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,11 @@ class RunSetup:
         return int(self.tokenizer.pad_token_id)
 
     def build_model(
-        self, copied: Copied = copy_all, master_dtype: torch.dtype | None = torch.float32
+        self, copied: Copied = copy_all, master_dtype: torch.dtype | None = torch.float32,
+        take: bool = False,
     ) -> PreTrainedModel:
         """A half's model over the shared frozen base (:meth:`FrozenBase.build`)."""
-        return self.frozen.build(copied, master_dtype)
+        return self.frozen.build(copied, master_dtype, take)
 
     def release_base(self) -> None:
         """Every half of this process is built: drop the base if nothing aliases it."""
@@ -62,7 +64,10 @@ class RunSetup:
         on both sides, before sending and before opening."""
         return int(self.cfg.runtime.max_payload_mb * 1_000_000)
 
-    def method_context(self) -> MethodContext:
+    def method_context(self, last_half: bool = False) -> MethodContext:
+        """What a half is built from. ``last_half``: no other half of this process is
+        built after it, so a model copying the whole base may take the base's own
+        tensors (it builds its model once)."""
         spec = get_method(self.cfg.method.name)
         return MethodContext(
             method=self.cfg.method.name,
@@ -72,7 +77,7 @@ class RunSetup:
             cohort=self.cfg.clients_per_round(),
             model_name=self.cfg.model.name,
             tokenizer=self.tokenizer,
-            build_model=self.build_model,
+            build_model=partial(self.build_model, take=last_half),
             base_tensor=self.frozen.tensor,
             device=self.frozen.device,
         )

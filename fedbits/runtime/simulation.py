@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 class Simulation(RoundLoop):
     """Every client in this process, one after another; every message still bytes."""
 
+    server_half_only = False  # the client half is built after it
+
     def __init__(self, setup: RunSetup, run_dir: Path) -> None:
         super().__init__(setup, run_dir)
-        self.client = get_method(self.cfg.method.name).client(setup.method_context())
+        self.client = get_method(self.cfg.method.name).client(setup.method_context(last_half=True))
         setup.release_base()  # both halves are built
         self.stores = ClientStores(run_dir / "client_store",
                                    int(self.cfg.runtime.client_state_mb * 1_000_000))

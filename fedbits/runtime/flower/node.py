@@ -65,7 +65,7 @@ class NodeSession:
         self.store = store
         self.setup = prepare_run(cfg)
         self.items, self.truncated = self.setup.tokenize(self.setup.clients[partition])
-        self.client = get_method(cfg.method.name).client(self.setup.method_context())
+        self.client = get_method(cfg.method.name).client(self.setup.method_context(last_half=True))
         self.setup.release_base()  # this process holds the client half only
         self.stores = ClientStores(root / "runs" / store / "client_store")
         self.setup_seconds = time.perf_counter() - start
