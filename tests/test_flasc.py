@@ -76,7 +76,7 @@ def test_downlink_is_the_global_top_k_and_client_freeze_keeps_the_mask(tiny_over
     want = set(flat.abs().topk(k).indices.tolist())
     stores = ClientStores(tmp_path / "store")
     up = client.update(1, 0, server.downlink(1, 0), data, stores.for_client(0, 1))
-    update = server.decode_uplink(1, 0, up.body)
+    update = server.read_change(1, 0, up.body)
     delta = server.layout.flatten(update.delta, torch.float32)
     moved = set(torch.nonzero(delta).flatten().tolist())
     assert moved and moved <= want  # client_freeze: only received positions change
@@ -102,7 +102,7 @@ def test_downlink_from_init_sends_the_change_and_the_rest_keeps_its_initial_valu
     want = change.abs().topk(int(0.25 * change.numel())).indices
     stores = ClientStores(tmp_path / "store")
     up = client.update(1, 0, server.downlink(1, 0), data, stores.for_client(0, 1))
-    delta = server.layout.flatten(server.decode_uplink(1, 0, up.body).delta, torch.float32)
+    delta = server.layout.flatten(server.read_change(1, 0, up.body).delta, torch.float32)
     trained = server.layout.flatten(client.params, torch.float32)
     received = trained - delta
     inside = torch.zeros_like(initial, dtype=torch.bool)

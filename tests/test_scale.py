@@ -242,3 +242,30 @@ def test_a_round_on_cuda_matches_the_cpu(tmp_path, method):
 
 def test_clients_section_defaults_keep_checkpointing_off():
     assert ClientsSection().gradient_checkpointing is False
+
+
+def test_dense_server_folds_each_change_as_it_is_decoded(tmp_path):
+    """A round holds one accumulator, not every client's change; the mean is the same."""
+    sim = _sim(tmp_path, "fedavg", "clients.per_round=3")
+    server, client = sim.server, sim.client
+    setup = sim.setup
+    from fedbits.methods import ClientData
+
+    bodies, changes = [], []
+    for c in (0, 1, 2):
+        items, _ = setup.tokenize(setup.clients[c])
+        data = ClientData(items, setup.pad_id, seed=c)
+        bodies.append(client.update(1, c, server.downlink(1, c), data, store=None).body)
+    for c, body in enumerate(bodies):
+        changes.append(server.read_change(1, c, body))
+    updates = [server.decode_uplink(1, c, body) for c, body in enumerate(bodies)]
+    assert all(u.delta == {} for u in updates)  # the runtime holds no change
+    total = sum(u.num_samples for u in changes)
+    name = next(iter(server.params))
+    expected = sum(u.delta[name] * u.num_samples for u in changes) / total
+    got = server.round_sum.means(1, updates)[name]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    for c, body in enumerate(bodies[:2]):
+        server.decode_uplink(1, c, body)
+    with pytest.raises(RuntimeError, match="other updates"):
+        server.aggregate(1, updates)  # three updates, two decoded

@@ -31,6 +31,7 @@ from fedbits.frozen import Copied, copy_all
 from fedbits.methods._updates import (
     DeltaUpdate,
     DownlinkFill,
+    RoundSum,
     check_change,
     load_optimizer_checkpoint,
     narrow,
@@ -38,7 +39,6 @@ from fedbits.methods._updates import (
     save_pretrained,
     seeded_generator,
     train_change,
-    weighted_change,
 )
 from fedbits.methods.base import (
     ClientData,
@@ -179,6 +179,7 @@ class DenseServer(_DenseHalf):
     ) -> None:
         super().__init__(ctx, prepare, chains, copied)
         self.optimizer = make_server_optimizer(list(self.params.values()), ctx.options)
+        self.round_sum = RoundSum(self.params)
         # (round, body, clients served): every client of a round gets the same object,
         # encoded (and sealed by the runtime) once; dropped once the whole cohort has it,
         # so the server does not hold a copy of the weights beside the sealed payload
@@ -198,6 +199,14 @@ class DenseServer(_DenseHalf):
         return body
 
     def decode_uplink(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
+        """The client's change, checked and folded into the round's sum at once; the
+        update returned carries its sample count and loss, not the change."""
+        update = self.read_change(round_, client, body)
+        self.round_sum.add(round_, update)
+        return DeltaUpdate(update.client, update.num_samples, update.train_loss, {})
+
+    def read_change(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
+        """Decode and check an uplink body without folding it in (for inspection)."""
         sender = f"client {client} uplink"
         r = Reader(body, sender)
         num_samples = r.u32("num_samples")
@@ -210,9 +219,9 @@ class DenseServer(_DenseHalf):
 
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        deltas = narrow(updates, DeltaUpdate)
-        means = [weighted_change(deltas, name, p) for name, p in self.params.items()]
-        apply_pseudo_gradient(self.optimizer, list(self.params.values()), means)
+        means = self.round_sum.means(round_, narrow(updates, DeltaUpdate))
+        apply_pseudo_gradient(self.optimizer, list(self.params.values()),
+                              [means[name] for name in self.params])
         self._sent = None
         return {}
 

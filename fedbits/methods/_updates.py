@@ -111,6 +111,45 @@ def weighted_change(
     return acc
 
 
+class RoundSum:
+    """The sample-weighted sum of a round's changes, folded in as each uplink is decoded.
+
+    A round then holds one float32 accumulator per trained tensor, not every client's
+    change: with FedAvg on a 1B model and ten clients a round, 4 GB instead of 44 GB.
+    The runtime aggregates exactly the updates it decoded (an update is accepted once
+    ``decode_uplink`` returns), which :meth:`means` checks."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.params = params
+        self.round: int | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, int] = {}  # per tensor: the samples of the clients that sent it
+        self.clients: set[int] = set()
+
+    @torch.no_grad()
+    def add(self, round_: int, update: DeltaUpdate) -> None:
+        if self.round != round_:  # a new round (or one redone after a crash)
+            self.round, self.sums, self.samples, self.clients = round_, {}, {}, set()
+        for name, d in update.delta.items():
+            if name not in self.sums:
+                self.sums[name] = torch.zeros_like(self.params[name], dtype=torch.float32)
+                self.samples[name] = 0
+            self.sums[name].add_(d.to(self.sums[name].device, torch.float32),
+                                 alpha=float(update.num_samples))
+            self.samples[name] += update.num_samples
+        self.clients.add(update.client)
+
+    def means(self, round_: int, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+        """Per tensor, the sample-weighted mean change of the clients that sent it; the
+        round's accumulators are handed over (the next round starts afresh)."""
+        if self.round != round_ or self.clients != {u.client for u in updates}:
+            raise RuntimeError(f"round {round_}: aggregate got other updates than the "
+                               "uplinks decoded (the runtime aggregates what it decoded)")
+        out = {n: total.div_(self.samples[n]) for n, total in self.sums.items()}
+        self.round, self.sums, self.samples, self.clients = None, {}, {}, set()
+        return out
+
+
 def tensors_state(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """A checkpointable copy of the server's tensors."""
     return {n: p.detach().clone() for n, p in params.items()}
