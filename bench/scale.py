@@ -163,8 +163,9 @@ def fedavg_skip_reason(params: int | None, mem_total: int) -> str | None:
     need = FEDAVG_BYTES_PER_PARAM * params
     if need <= MEMORY_FRACTION * mem_total:
         return None
-    return (f"estimated {need / 2**30:.1f} GiB (6 x float32 parameters) exceeds "
-            f"{MEMORY_FRACTION:.0%} of this machine's {mem_total / 2**30:.1f} GiB")
+    return (f"estimated {need / 2**30:.1f} GiB ({FEDAVG_BYTES_PER_PARAM // 4} x float32 "
+            f"parameters) exceeds {MEMORY_FRACTION:.0%} of this machine's "
+            f"{mem_total / 2**30:.1f} GiB")
 
 
 def bench_one(method: str, model: str, local_steps: int, sets: list[str], out_dir: Path,
