@@ -189,6 +189,8 @@ def bench_one(method: str, model: str, local_steps: int, sets: list[str], out_di
                               env=env)
     except subprocess.TimeoutExpired:
         return {**row, "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode < 0:  # the kernel's OOM killer leaves no message
+        return {**row, "error": f"killed by signal {-proc.returncode} (out of memory?)"}
     if proc.returncode != 0:
         return {**row, "error": proc.stderr[-2000:]}
     return {**row, **json.loads(proc.stdout.strip().splitlines()[-1])}
