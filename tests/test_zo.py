@@ -172,11 +172,13 @@ def reference_path(monkeypatch):
     return force
 
 
-def _every_kernel(key: int, start: int, n: int, dist: Distribution) -> dict[str, torch.Tensor]:
-    """Every primitive's output on fixed inputs (fresh tensors: no state between calls)."""
+def every_kernel(device: str, start: int, n: int, dist: Distribution) -> dict[str, torch.Tensor]:
+    """Every primitive on fixed inputs made on the CPU and moved to ``device``; outputs
+    come back to the CPU."""
+    key = param_key(5, "model.layers.1.mlp.up_proj.weight")
     gen = torch.Generator().manual_seed(n)
-    w = torch.randn(n, generator=gen)
-    out = {"fill": kernels.fill(key, start, n, dist)}
+    w = torch.randn(n, generator=gen).to(device)
+    out = {"fill": kernels.fill(key, start, n, dist, device)}
     out["plus"], out["minus"] = kernels.perturb_pair(key, start, w, 1e-3, dist)
     updated = w.clone()
     kernels.update_(key, start, updated, 1e-2, -3.7, 0.1, dist)
@@ -186,25 +188,25 @@ def _every_kernel(key: int, start: int, n: int, dist: Distribution) -> dict[str,
     out.update(fused=fused, fused_plus=plus, fused_minus=minus)
     keys = np.array([param_key(s, "w") for s in range(9)], dtype=np.uint64)
     coefs = np.random.default_rng(n).integers(-(1 << 30), 1 << 30, 9)
-    acc = torch.randint(-(1 << 40), 1 << 40, (n,), generator=gen)
+    acc = torch.randint(-(1 << 40), 1 << 40, (n,), generator=gen).to(device)
     kernels.replay_(keys, coefs, kernels.exact_groups(coefs, dist), start, acc, dist)
     out["replay"] = acc
-    applied = torch.empty(n)
+    applied = torch.empty(n, device=device)
     kernels.apply(w, acc, 3e-7 / 2**28, applied)
     out["apply"] = applied
-    rows = torch.tensor([3, 0, 7])
     out["rows_plus"], out["rows_minus"] = kernels.perturb_rows(
-        key, torch.randn(8, 33, generator=gen), rows, 1e-3, dist)
-    return out
+        key, torch.randn(8, 33, generator=gen).to(device), torch.tensor([3, 0, 7]), 1e-3, dist)
+    for name, value in out.items():
+        assert value.device.type == torch.device(device).type, name
+    return {name: value.cpu() for name, value in out.items()}
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("start,n", RANGES)
 def test_reference_path_is_bit_identical_to_the_compiled_kernels(dist, start, n, reference_path):
-    key = param_key(5, "model.layers.1.mlp.up_proj.weight")
-    want = _every_kernel(key, start, n, dist)
+    want = every_kernel("cpu", start, n, dist)
     reference_path()
-    got = _every_kernel(key, start, n, dist)
+    got = every_kernel("cpu", start, n, dist)
     for name, value in want.items():
         assert value.dtype == got[name].dtype and torch.equal(value, got[name]), name
 

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_zo import every_kernel
 
 from fedbits.config import ModelSection
 from fedbits.models import load_model
-from fedbits.zo import kernels
-from fedbits.zo.generator import Distribution, param_key
 from fedbits.zo.replay import Replay, SeedKeys, rebuild, to_fixed
 from fedbits.zo.step import ZeroOrderTrainer
 
@@ -33,40 +32,11 @@ pytestmark = [
 EXAMPLE = REPO / "examples" / "fedkseed-tiny.toml"
 
 
-def _every_kernel(device: str, start: int, n: int, dist: Distribution) -> dict[str, torch.Tensor]:
-    """Every primitive on fixed inputs made on the CPU and moved to ``device``; outputs
-    come back to the CPU."""
-    key = param_key(5, "model.layers.1.mlp.up_proj.weight")
-    gen = torch.Generator().manual_seed(n)
-    w = torch.randn(n, generator=gen).to(device)
-    out = {"fill": kernels.fill(key, start, n, dist, device)}
-    out["plus"], out["minus"] = kernels.perturb_pair(key, start, w, 1e-3, dist)
-    updated = w.clone()
-    kernels.update_(key, start, updated, 1e-2, -3.7, 0.1, dist)
-    out["update"] = updated
-    fused = w.clone()
-    plus, minus = kernels.update_perturb(key, 1e-2, 2.5, 0.1, key ^ 1, 1e-3, start, fused, dist)
-    out.update(fused=fused, fused_plus=plus, fused_minus=minus)
-    keys = np.array([param_key(s, "w") for s in range(9)], dtype=np.uint64)
-    coefs = np.random.default_rng(n).integers(-(1 << 30), 1 << 30, 9)
-    acc = torch.randint(-(1 << 40), 1 << 40, (n,), generator=gen).to(device)
-    kernels.replay_(keys, coefs, kernels.exact_groups(coefs, dist), start, acc, dist)
-    out["replay"] = acc
-    applied = torch.empty(n, device=device)
-    kernels.apply(w, acc, 3e-7 / 2**28, applied)
-    out["apply"] = applied
-    out["rows_plus"], out["rows_minus"] = kernels.perturb_rows(
-        key, torch.randn(8, 33, generator=gen).to(device), torch.tensor([3, 0, 7]), 1e-3, dist)
-    for name, value in out.items():
-        assert value.device.type == torch.device(device).type, name
-    return {name: value.cpu() for name, value in out.items()}
-
-
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("start,n", [(0, 100), (13, 1000), (7, 70_001), (1 << 20, 3333)])
 def test_kernels_on_cuda_equal_the_cpu(dist, start, n):
-    want = _every_kernel("cpu", start, n, dist)
-    got = _every_kernel("cuda", start, n, dist)
+    want = every_kernel("cpu", start, n, dist)
+    got = every_kernel("cuda", start, n, dist)
     for name, value in want.items():
         assert torch.equal(value, got[name]), name
 
