@@ -127,6 +127,7 @@ def test_in_the_simulator_the_client_takes_a_base_that_is_on_disk(tmp_path, meth
     model, tokenizer = load_model(ModelSection(name="tiny-llama"), seed=0)
     model.save_pretrained(tmp_path / "ckpt")
     tokenizer.save_pretrained(tmp_path / "ckpt")
+    weights = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
     sim = _sim(tmp_path, method, "run.rounds=2", f"model.name={tmp_path / 'ckpt'}")
     assert sim.setup.frozen.released
     server = {_storage(p) for p in sim.server.model.parameters()}
@@ -134,6 +135,8 @@ def test_in_the_simulator_the_client_takes_a_base_that_is_on_disk(tmp_path, meth
     sim.run()
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3 and all('"rejected": {}' in row for row in rows)
+    # the taken tensors may be mapped from the file: training them never writes it
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == weights
 
 
 def test_a_half_that_shares_the_base_does_not_take_it(tmp_path):
