@@ -167,3 +167,21 @@ def test_a_bfloat16_model_trains_float32_master_weights(tmp_path):
     moved = [n for n, p in sim.server.model.named_parameters()
              if not torch.equal(p, base.get_parameter(n).float())]
     assert moved
+
+
+def test_the_server_forgets_the_oldest_views_beyond_max_views(tmp_path):
+    """Server memory stays flat in the number of clients: beyond ``max_views`` the client
+    seen longest ago is forgotten and gets the whole pool next time (still in sync)."""
+    from fedbits.methods.fedkseed import protocol
+    from fedbits.wire import Reader
+
+    sim = _simulate(tmp_path, "method.max_views=1", "clients.per_round=2", rounds=3)
+    server = sim.server
+    assert len(server.views) == 1
+    remembered = next(iter(server.views))
+    forgotten = next(c for c in sim.setup.eligible_clients() if c != remembered)
+    opts = server.opts
+    full = protocol.decode_downlink(Reader(server.downlink(4, forgotten)), opts.pool_format(),
+                                    opts.num_seeds, False)[0]
+    assert full
+    assert all(not row["rejected"] for row in _rows(tmp_path / "sim"))

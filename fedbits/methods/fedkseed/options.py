@@ -33,6 +33,11 @@ class FedKSeedOptions(MethodOptions):
         "its base weights and its whole pool (a node that keeps nothing else)"
     )
     max_scalar: float = Field(1e6, gt=0, description="uplink scalars beyond ± this are rejected")
+    max_views: int = Field(
+        4096, ge=1, le=1 << 20, description="the server remembers the pool it last sent this "
+        "many clients (K float64 each) to send them only what changed; a client it forgot "
+        "gets the whole pool, so server memory does not grow with the number of clients"
+    )
 
     def uplink_format(self) -> EntryFormat:
         return EntryFormat(self.wire, self.scalar_dtype, self.zstd)

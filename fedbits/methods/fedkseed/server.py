@@ -83,7 +83,10 @@ class FedKSeedServer:
                 f"{sender}: a scalar exceeds method.max_scalar={self.opts.max_scalar:g}")
         if self.pro and update.form != protocol.STEPS:
             raise ClientError(f"{sender}: FedKSeed-Pro needs the per-step scalars")
+        self.views.pop(client, None)  # re-inserted last: the views are kept in use order
         self.views[client] = self._sent.pop(client)
+        while len(self.views) > self.opts.max_views:  # forget the longest unseen client
+            self.views.pop(next(iter(self.views)))
         return update
 
     # -- aggregation ----------------------------------------------------------------
