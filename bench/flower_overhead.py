@@ -46,8 +46,10 @@ from fedbits.runtime.flower.local import LocalProcesses  # noqa: E402
 from fedbits.runtime.flower.server_app import POLL_S  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "flower_overhead.json"
+# the SuperNodes are the shared-source demo (partitions of builtin:tasks, as the simulator
+# splits it); the server evaluates on a set of its own, as a deployment's server does
 CONFIG = ["data.num_clients=2", "clients.per_round=2", "eval.every=1000", "eval.metrics=['loss']",
-          "eval.max_examples=4"]
+          "eval.max_examples=4", "data.eval_source=builtin:tasks"]
 
 TRIVIAL_APP = '''
 import json, time

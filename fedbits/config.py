@@ -15,6 +15,7 @@ program reads a config with.
 from __future__ import annotations
 
 import ast
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -135,6 +136,11 @@ class ClientsSection(_Section):
         False, description="recompute each decoder layer's activations in the backward pass: "
         "less memory for about a third more compute per step"
     )
+    optimizer_in_backward: bool | Literal["auto"] = Field(
+        "auto", description="step each trained tensor as soon as backward has its gradient "
+        "and free it (same result, one gradient held at a time); auto: when what trains is a "
+        "quarter of the model or more (fedavg, large blocks), where the gradients cost memory"
+    )
 
     @model_validator(mode="after")
     def _one_of_per_round_fraction(self) -> ClientsSection:
@@ -189,6 +195,184 @@ class RuntimeSection(_Section):
     )
 
 
+AttackName = Literal["scale", "nan", "huge", "random_bytes", "weight", "sign_flip"]
+"""What a malicious client does to its uplink ([faults], docs/faults.md)."""
+ATTACKS: tuple[AttackName, ...] = get_args(AttackName)
+
+
+def _default_attack() -> list[AttackName]:
+    return ["scale"]
+
+
+def _probability(default: float, description: str) -> Any:
+    """A probability or fraction in [0, 1]; strict, so ``true`` or ``"0.3"`` is an error."""
+    return Field(default, ge=0, le=1, strict=True, allow_inf_nan=False, description=description)
+
+
+def faults_refusal(kind: str) -> str:
+    """Why a run with ``[faults]`` cannot go to ``runtime.kind = kind``."""
+    return ("faults: the [faults] section is injected by the simulator only; on "
+            f"runtime.kind = {kind!r} the faults are the real ones (a node that does not "
+            "reply by runtime.round_timeout_s is recorded as missing): remove [faults] or "
+            "run with runtime.kind = 'simulation'")
+
+
+class FaultsSection(_Section):
+    """Faults the simulator injects so a defence can be measured on a method
+    (docs/faults.md). Every draw derives from ``run.seed``, the round and the client,
+    so a run with faults is as reproducible, and resumes as exactly, as one without."""
+
+    dropout: float = _probability(
+        0.0, "probability a sampled client does not answer: its downlink is sent and "
+        "counted, nothing comes back, the round goes on")
+    straggler_fraction: float = _probability(
+        0.0, "probability a sampled client is slow this round: its simulated time is "
+        "client_seconds plus an exponential delay of mean straggler_delay_s")
+    straggler_delay_s: float = Field(
+        60.0, gt=0, allow_inf_nan=False, strict=True,
+        description="mean simulated delay of a slow client, in seconds")
+    client_seconds: float = Field(
+        10.0, ge=0, allow_inf_nan=False, strict=True,
+        description="simulated time of a client that is not slow, in seconds")
+    deadline_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False, strict=True,
+        description="a client whose simulated time exceeds this misses the round (None: "
+        "no deadline, slow clients are only recorded); nothing sleeps")
+    crash: float = _probability(
+        0.0, "probability a sampled client dies during local training, after a uniformly "
+        "drawn number of its local steps; its store writes of the round are undone")
+    malicious_fraction: float = _probability(
+        0.0, "fraction of all clients that are malicious, a set fixed for the whole run "
+        "(at least one when above 0); they attack whenever they are sampled")
+    attack: list[AttackName] = Field(
+        default_factory=_default_attack, min_length=1,
+        description=f"what a malicious client does, one of {', '.join(ATTACKS)}, or a "
+        "list of them to mix (one drawn per round and client)")
+    attack_scale: float = Field(
+        1e6, allow_inf_nan=False, strict=True,
+        description="the factor of the 'scale' attack on the client's change")
+
+    @field_validator("attack", mode="before")
+    @classmethod
+    def _one_or_a_list(cls, attack: Any) -> Any:
+        if isinstance(attack, float) and math.isnan(attack):
+            attack = "nan"  # `--set faults.attack=nan` reads as TOML's float nan
+        return [attack] if isinstance(attack, str) else attack
+
+    @model_validator(mode="after")
+    def _deadline_reachable(self) -> FaultsSection:
+        if self.deadline_s is not None and self.deadline_s < self.client_seconds:
+            raise ValueError(
+                f"deadline_s={self.deadline_s:g} is below client_seconds="
+                f"{self.client_seconds:g}: every client would miss every round")
+        return self
+
+
+AggregatorName = Literal["mean", "median", "trimmed_mean", "multi_krum"]
+
+
+def _robust_number(description: str, default: float, least: float) -> Any:
+    """A finite number of at least ``least``; strict, so ``"3"`` or ``true`` is an error."""
+    return Field(default, ge=least, strict=True, allow_inf_nan=False, description=description)
+
+
+class RobustSection(_Section):
+    """How the server bounds what a client sends: its claimed weight, the size of its
+    update, how updates combine, and a finite aggregate (docs/robust.md). The defaults
+    defend, and leave a run in which no client exceeds a bound bit-identical to one
+    without them."""
+
+    aggregator: AggregatorName = Field(
+        "mean", description="how a round's updates combine: 'mean' (weighted, folded one at a "
+        "time), or the order statistics 'median' (coordinate-wise), 'trimmed_mean', "
+        "'multi_krum', which hold the round's updates (cohort × trained tensors)")
+    trim_fraction: float = Field(
+        0.2, gt=0, lt=0.5, strict=True, description="trimmed_mean: the fraction of a round's "
+        "updates dropped at each end of every coordinate (rounded down; at least one)")
+    krum_f: int | None = Field(
+        None, ge=0, strict=True, description="multi_krum: the attackers it assumes among a "
+        "round's clients (None: the most it tolerates, (clients per round − 3) // 2)")
+    krum_m: int | None = Field(
+        None, ge=1, strict=True, description="multi_krum: the updates with the lowest Krum "
+        "scores that are averaged (None: clients per round − krum_f)")
+    norm_bound: float | Literal["auto", "off"] = Field(
+        "auto", description="each update's L2 norm is clipped to this: 'auto' = norm_multiple "
+        "× the median norm of the updates accepted in the last history_rounds rounds; a "
+        "number; or 'off'")
+    norm_multiple: float = _robust_number("the multiple of the median norm 'auto' clips to", 3.0, 1)
+    server_weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="an update's weight in the mean: its claimed sample count "
+        "(bounded by max_weight), or the same for every client")
+    max_weight: int | Literal["auto"] = Field(
+        "auto", description="the most a claimed sample count weighs: 'auto' = weight_multiple "
+        "× the median claim of the last history_rounds rounds, or a number of samples")
+    weight_multiple: float = _robust_number("the multiple of the median claim 'auto' caps at",
+                                            4.0, 1)
+    scalar_bound: float | Literal["auto", "off"] = Field(
+        "auto", description="fedkseed: each uplink scalar is clipped to this: 'auto' = "
+        "scalar_multiple × the median |scalar| of the last history_rounds rounds; a number; "
+        "or 'off' (method.max_scalar still rejects a client beyond it)")
+    scalar_multiple: float = _robust_number(
+        "the multiple of the median |scalar| 'auto' clips to", 10.0, 1)
+    history_rounds: int = Field(
+        5, ge=1, le=10_000, strict=True, description="rounds of accepted updates whose medians "
+        "the 'auto' bounds take; a round with no such history takes its own")
+
+    @field_validator("norm_bound", "scalar_bound", mode="before")
+    @classmethod
+    def _auto_off_or_positive(cls, value: Any) -> Any:
+        if value in ("auto", "off") or _positive_number(value):
+            return value
+        raise ValueError(f"must be 'auto', 'off' or a positive number, got {value!r}")
+
+    @field_validator("max_weight", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        if value == "auto" or (_positive_number(value) and isinstance(value, int)):
+            return value
+        raise ValueError(f"must be 'auto' or a whole number of samples >= 1, got {value!r}")
+
+    def krum(self, cohort: int) -> tuple[int, int]:
+        """Multi-Krum's (f, m) for a round of ``cohort`` updates: the configured ones,
+        lowered where the round has fewer updates than the tolerance needs."""
+        most = max(0, (cohort - 3) // 2)
+        f = most if self.krum_f is None else min(self.krum_f, most)
+        return f, min(self.krum_m or cohort - f, cohort - f)
+
+    def check_cohort(self, cohort: int) -> None:
+        """Refuse an aggregator whose parameters cannot work with ``cohort`` clients a round."""
+        if self.aggregator == "trimmed_mean" and math.floor(self.trim_fraction * cohort) == 0:
+            fix = (f"raise it to at least {math.ceil(1000 / cohort) / 1000:g}" if cohort > 2
+                   else "sample at least 3 clients a round")
+            raise ValueError(
+                f"robust.trim_fraction={self.trim_fraction:g} trims nothing from a round of "
+                f"{cohort} clients (it drops floor(trim_fraction × clients) at each end): "
+                f"{fix}, or use robust.aggregator = 'median'")
+        if self.aggregator != "multi_krum":
+            return
+        most = (cohort - 3) // 2
+        if self.krum_f is not None and self.krum_f > most:
+            raise ValueError(
+                f"robust.krum_f={self.krum_f}: Multi-Krum tolerates f attackers among n clients "
+                f"only when n >= 2f + 3; with {cohort} clients a round f is at most {max(most, 0)}")
+        f, m = self.krum(cohort)
+        if self.krum_m is not None and self.krum_m > cohort - f:
+            raise ValueError(
+                f"robust.krum_m={self.krum_m} keeps more than the {cohort - f} updates of a round "
+                f"not assumed to be attackers ({cohort} clients − krum_f {f})")
+        if m >= cohort:
+            raise ValueError(
+                f"robust.aggregator = 'multi_krum' with {cohort} clients a round tolerates no "
+                "attacker (n >= 2f + 3) and keeps every update, which is the mean: sample at "
+                "least 5 clients a round, set robust.krum_m below the cohort, or use 'median'")
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number above zero (a bool is not a number here)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
 class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -197,6 +381,15 @@ class Config(_Section):
     method: MethodSection = Field(default_factory=MethodSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    robust: RobustSection = Field(default_factory=RobustSection)
+    # None when the file has no [faults]: config.toml then stays as it was without it
+    faults: FaultsSection | None = None
+
+    @model_validator(mode="after")
+    def _faults_simulated(self) -> Config:
+        if self.faults is not None and self.runtime.kind != "simulation":
+            raise ValueError(faults_refusal(self.runtime.kind))
+        return self
 
     @model_validator(mode="after")
     def _cohort_fits(self) -> Config:
@@ -204,6 +397,11 @@ class Config(_Section):
         if per_round is not None and per_round > n:
             raise ValueError(f"clients.per_round={per_round} is more than data.num_clients={n}: "
                              f"a round samples at most {n} clients")
+        return self
+
+    @model_validator(mode="after")
+    def _robust_fits_cohort(self) -> Config:
+        self.robust.check_cohort(self.clients_per_round())
         return self
 
     @property
@@ -247,11 +445,12 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
+        # an optional section (``faults``) is its model or None
+        kinds = (get_args(field.annotation) or (field.annotation,)) if field else ()
+        sections = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        if not sections:
             return None
-        if not issubclass(field.annotation, BaseModel):
-            return None
-        model = field.annotation
+        model = sections[0]
     return model
 
 

@@ -94,16 +94,51 @@ def make_optimizer(params: list[nn.Parameter], section: ClientsSection) -> torch
                              foreach=False)
 
 
+class StepInBackward:
+    """One optimizer per trained tensor, each stepped by a hook the moment backward has
+    finished that tensor's gradient, which is then freed (torchtune's ``optimizer_in_bwd``).
+
+    Training then holds one tensor's gradient at a time instead of one per trained
+    tensor: a whole model's worth for FedAvg, 4 GB at 1B parameters. The arithmetic is
+    that of one optimizer over all of them, bit for bit: :func:`make_optimizer`'s
+    optimizers step each tensor on its own anyway (``foreach=False``). Nothing in the
+    loop may need every gradient at once (no global-norm clipping, no accumulation)."""
+
+    def __init__(self, params: list[nn.Parameter], section: ClientsSection) -> None:
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(_step_and_free(make_optimizer([p], section)))
+            for p in params
+        ]
+
+    def __enter__(self) -> StepInBackward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:  # the hooks hold the optimizers and their state
+            hook.remove()
+        self._hooks = []
+
+
+def _step_and_free(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        optimizer.step()
+        param.grad = None
+
+    return hook
+
+
 def local_train(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     progress=None,
     after_step: Callable[[], None] | None = None,
 ) -> float:
     """Run one optimizer step per batch; return the mean training loss.
 
-    ``after_step`` runs after every optimizer step (e.g. to keep a sparsity mask).
+    ``optimizer``: stepped after each backward pass; None when the trained tensors step
+    themselves during it (:class:`StepInBackward`). ``after_step`` runs after every
+    step (e.g. to keep a sparsity mask).
 
     A non-finite loss stops the client: its update would poison the aggregate,
     so the runtime rejects it and the round goes on without it.
@@ -118,10 +153,11 @@ def local_train(
         if not math.isfinite(loss.item()):
             raise ClientError(f"non-finite training loss at local step {steps + 1}")
         loss.backward()
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if after_step is not None:
             after_step()
-        optimizer.zero_grad(set_to_none=True)
         total += loss.item()
         steps += 1
         if progress is not None:

@@ -36,6 +36,7 @@ from fedbits.data import (
     tokenize_prompts,
 )
 from fedbits.data import examples as examples_module
+from fedbits.data.partition import load_eval_source, train_split
 from fedbits.errors import DataError
 
 
@@ -337,6 +338,27 @@ def test_eval_source_is_used_whole(tmp_path: Path) -> None:
     exs = _examples({"a": 10})
     train, held = split_eval(exs, DataSection(eval_source=str(path)), seed=0)
     assert train == exs and sorted(e.prompt for e in held) == [f"p{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("eval_source", [False, True])
+def test_the_two_sides_of_the_split_load_apart(tmp_path: Path, eval_source: bool) -> None:
+    """A Flower node takes the training side without loading ``data.eval_source`` (a path
+    on the server's host), the server the evaluation source without the training data;
+    together they are ``split_eval``."""
+    path = _write_jsonl(
+        tmp_path / "eval.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(9)]
+    )
+    exs = _examples({"a": 10, "b": 12})
+    data = DataSection(eval_source=str(path) if eval_source else None)
+    train, held = split_eval(exs, data, seed=3)
+    assert train_split(exs, data, seed=3) == train
+    if eval_source:
+        assert load_eval_source(data, seed=3) == held
+        path.unlink()  # the training side never reads it
+        assert train_split(exs, data, seed=3) == exs
+    else:
+        with pytest.raises(DataError, match="data.eval_source is not set"):
+            load_eval_source(data, seed=3)
 
 
 @pytest.mark.parametrize("split", ["fraction", "unseen"])

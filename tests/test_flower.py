@@ -13,7 +13,20 @@ config and seed, which runs in a thread meanwhile:
 - a node worker killed in the middle of a round costs that client the round (the
   ledger has its downlink and no uplink) and nothing else: the round aggregates the
   other client's update, the run ends normally, and the SuperNode's supervisor
-  starts a new worker.
+  starts a new worker;
+- a hostile node whose reply's ``info`` is not a JSON object costs only its own
+  round, and a run that names another ``run.out_dir`` is written under the
+  SuperLink's runs directory all the same;
+- data holders started with their own data and pins: one trains on its data, one
+  refuses the run (its reason in the server's metrics and its own log), a third node
+  claiming the first one's client with another key is refused and the run goes on,
+  and the ServerApp process never opens a holder's data file (an audit hook in every
+  ServerApp process, ``tests/serverapp_audit/sitecustomize.py``).
+
+The SuperNodes of the first tests are the shared-source demo (``--partition-id``:
+each loads the run's ``data.source`` and keeps its partition, as the simulator
+splits it), which is what makes a run comparable with the simulator bit for bit;
+the server evaluates on ``data.eval_source``, its own set.
 
 Every process a test starts is stopped by PID at teardown together with everything
 it started (found through psutil before it is stopped), also when a test fails. The
@@ -26,13 +39,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
 import typing
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 import pytest
@@ -43,10 +60,14 @@ from fedbits.cli import main as fedbits_main
 from fedbits.methods import available_methods
 from fedbits.resolve import config_toml, load_config
 from fedbits.runtime import run_experiment
+from fedbits.runtime.flower import worker
 from fedbits.runtime.flower.app import write_connection
 from fedbits.runtime.flower.certs import make_certificates, make_node_key
+from fedbits.runtime.flower.holder import NodeSettings
+from fedbits.runtime.flower.identity import HOLDERS_FILE, Holders, public_key_file_fingerprint
+from fedbits.runtime.flower.keyfiles import write_new
 from fedbits.runtime.flower.launch import flower_tool
-from fedbits.runtime.flower.local import START_TIMEOUT_S, LocalProcesses
+from fedbits.runtime.flower.local import START_TIMEOUT_S, LocalProcesses, free_port
 from fedbits.runtime.flower.node import settle
 from fedbits.runtime.flower.protocol import CONFIG_KEY
 from fedbits.runtime.store import ClientStores
@@ -54,9 +75,13 @@ from fedbits.runtime.store import ClientStores
 from conftest import PLUGINS, REPO, TINY
 
 FEDKSEED = REPO / "examples" / "fedkseed-tiny.toml"
-# two partitions, both sampled every round, one SuperNode each; eval at the ends only
+# two partitions, both sampled every round, one SuperNode each; eval at the ends only, on
+# a set of the server's own (it never loads data.source); weighted by the nodes' sample
+# counts, as the simulator weighs (a deployment weighs uniformly unless told)
 SMALL = ["data.num_clients=2", "clients.per_round=2", "run.rounds=2", "eval.every=100",
-         "eval.metrics=['loss']", "eval.max_examples=4"]
+         "eval.metrics=['loss']", "eval.max_examples=4", "data.eval_source=builtin:tasks",
+         "robust.server_weighting=samples"]
+AUDIT = REPO / "tests" / "serverapp_audit"
 CONNECTION = "secure"
 
 
@@ -66,8 +91,7 @@ def test_generated_app_and_connection_pass_flowers_own_readers(tmp_path, monkeyp
     from flwr.common.config import get_fused_config_from_dir
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
-    assert fedbits_main(["flower", "certs", str(tmp_path / "tls"), "--host", "127.0.0.1",
-                         "--nodes", "1"]) == 0
+    assert fedbits_main(["flower", "certs", str(tmp_path / "tls"), "--host", "127.0.0.1"]) == 0
     assert fedbits_main(["flower", "connect", "prod", "--address", "10.0.0.5:8000",
                          "--root-certificates", str(tmp_path / "tls" / "ca.crt")]) == 0
     assert fedbits_main(["flower", "connect", "local", "--address", "127.0.0.1:8000",
@@ -82,9 +106,16 @@ def test_generated_app_and_connection_pass_flowers_own_readers(tmp_path, monkeyp
     config, _ = load_and_validate(app / "pyproject.toml")  # also imports both components
     assert config["tool"]["flwr"]["app"]["components"]["clientapp"].endswith("client_app:app")
     shipped = get_fused_config_from_dir(app, {})[CONFIG_KEY]
-    cfg = load_config(TINY, ["run.name=a b", "runtime.kind=flower"])
+    # every node trains with exactly the server's config; a deployment weighs clients
+    # uniformly (a sample count is a node's claim) unless the config says otherwise
+    cfg = load_config(TINY, ["run.name=a b", "runtime.kind=flower",
+                             "robust.server_weighting=uniform"])
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
-    assert shipped == config_toml(cfg)  # every node trains with exactly the server's config
+    assert shipped == config_toml(cfg)
+    assert fedbits_main(["flower", "app", str(TINY), "--set", "robust.server_weighting=samples",
+                         "--out", str(tmp_path / "samples")]) == 0
+    kept = get_fused_config_from_dir(tmp_path / "samples" / "fedbits-app", {})[CONFIG_KEY]
+    assert 'server_weighting = "samples"' in kept
 
 
 def test_settle_commits_checkpointed_rounds_and_drops_the_rest(tmp_path):
@@ -103,9 +134,12 @@ class Federation(LocalProcesses):
 
     def __init__(self, tmp: Path) -> None:
         super().__init__(tmp)
-        # the nodes and the ServerApp import the plugin method like an installed package
+        # the nodes and the ServerApp import the plugin method like an installed package;
+        # every ServerApp records the files it opens under tmp (the audit's sitecustomize)
         self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PLUGINS), self.env.get("PYTHONPATH", "")) if p)
+            p for p in (str(PLUGINS), str(AUDIT), self.env.get("PYTHONPATH", "")) if p)
+        self.opens = tmp / "serverapp-opens.log"
+        self.env.update(FEDBITS_TEST_OPENS=str(self.opens), FEDBITS_TEST_WATCH=str(tmp))
         self.tls = tmp / "tls"
         self.nodes: list[tuple[subprocess.Popen, Path]] = []
         self.stranger: tuple[subprocess.Popen, Path] | None = None
@@ -115,17 +149,43 @@ class Federation(LocalProcesses):
         self.start_superlink("--certs", str(self.tls), "--enable-supernode-auth")
         write_connection(CONNECTION, self.address, root_certificates=self.tls / "ca.crt")
 
-    def start_nodes(self) -> None:
-        """Partitions 0 and 1 with registered keys, and a stranger whose key is not."""
-        keys = {p: self.tls / f"node-{p}" for p in (0, 1, 2)}
-        public = {p: make_node_key(key) for p, key in keys.items()}
+    def register(self, public_keys: list[Path]) -> list[int]:
+        """``flwr supernode register`` each key with the SuperLink (the operator's side);
+        the node IDs the SuperLink gave them."""
         register = [flower_tool("flwr"), "supernode", "register"]
-        registering = [subprocess.Popen([*register, str(public[p]), CONNECTION], env=self.env,
+        registering = [subprocess.Popen([*register, str(key), CONNECTION], env=self.env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                       for p in (0, 1)]
+                       for key in public_keys]
+        ids = []
         for proc in registering:
             out, _ = proc.communicate(timeout=START_TIMEOUT_S)
             assert proc.returncode == 0, out
+            found = re.search(r"SuperNode (\d+) registered", out)
+            assert found, out
+            ids.append(int(found[1]))
+        return ids
+
+    def wait_online(self, node_ids: list[int]) -> None:
+        """Until ``flwr supernode ls`` says every one of ``node_ids`` is online."""
+        argv = [flower_tool("flwr"), "supernode", "ls", CONNECTION, "--format", "json"]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            out = subprocess.run(argv, env=self.env, capture_output=True, text=True).stdout
+            try:
+                nodes = json.loads(out[out.find("{"):])["nodes"]
+            except (ValueError, KeyError):
+                nodes = []
+            online = {int(n["node-id"]) for n in nodes if n["status"] == "online"}
+            if online >= set(node_ids):
+                return
+            assert time.monotonic() < deadline, out
+            time.sleep(1)
+
+    def start_nodes(self) -> None:
+        """Partitions 0 and 1 with registered keys, and a stranger whose key is not."""
+        keys = {p: self.tmp / "keys" / f"node-{p}" for p in (0, 1, 2)}
+        public = {p: make_node_key(key) for p, key in keys.items()}
+        self.register([public[0], public[1]])
         secure = ("--root-certificates", str(self.tls / "ca.crt"))
         self.nodes = [self.start_supernode(p, "", *secure, "--auth-key", str(keys[p]))
                       for p in (0, 1)]
@@ -134,7 +194,7 @@ class Federation(LocalProcesses):
 
     def overrides(self, name: str) -> list[str]:
         return ["runtime.kind=flower", f"runtime.superlink={CONNECTION}",
-                f"run.out_dir={self.tmp / 'flower-runs'}", f"run.name={name}"]
+                f"run.out_dir={self.runs_dir}", f"run.name={name}"]
 
 
 @pytest.fixture(scope="module")
@@ -287,3 +347,152 @@ def test_a_worker_killed_mid_round_costs_only_its_reply(federation, caplog):
         assert time.monotonic() < deadline, node_log.read_text()[-3000:]
         time.sleep(0.2)
     assert "restarting it" in node_log.read_text()
+
+
+def _hostile_worker(root: Path, stop: threading.Event) -> threading.Thread:
+    """What a data holder who turned hostile runs in place of fedbits' node worker,
+    behind a real SuperNode and fedbits' real ClientApp: it answers ``prepare``
+    honestly, so the server maps partition 2 to it, and every ``train`` with an
+    ``info`` that is a JSON list instead of an object (and a junk uplink)."""
+    key = secrets.token_bytes(32)
+    write_new(root / worker.KEY, key, private=True)
+    listener = Listener(str(root / worker.SOCKET), family="AF_UNIX", authkey=key)
+
+    def serve() -> None:
+        with listener:
+            while True:
+                with listener.accept() as conn:
+                    if stop.is_set():
+                        return
+                    header = json.loads(conn.recv_bytes())
+                    conn.recv_bytes()
+                    train = header["op"] == "train"
+                    info: object = ["not", "an", "object"] if train else {"pid": os.getpid()}
+                    conn.send_bytes(json.dumps({"has_blob": train, "error": "", "stats": {},
+                                                "info": info, "truncated": 0}).encode())
+                    conn.send_bytes(b"junk" if train else b"")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.e2e
+def test_a_hostile_nodes_bad_reply_costs_only_its_round(federation):
+    """A node whose reply's ``info`` is not a JSON object used to end the run
+    ``finished:failed`` (``AttributeError`` in the ServerApp). Now its client is
+    rejected with a reason naming the node, the others are aggregated and the run
+    completes. The run also asks for ``run.out_dir`` elsewhere: the SuperLink writes it
+    under its own runs directory and nothing is created where the run asked."""
+    fed = federation
+    root = fed.tmp / "hostile"
+    root.mkdir()
+    key = fed.tmp / "keys" / "hostile"
+    fed.register([make_node_key(key)])
+    stop = threading.Event()
+    thread = _hostile_worker(root, stop)
+    env = {**fed.env, "FLWR_HOME": str(root / "flwr-home"),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), fed.env.get("PATH", "")]),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    argv = [flower_tool("flower-supernode"), "--superlink", fed.address,
+            "--port", str(free_port()),
+            "--node-config", str(NodeSettings(2, None, root, worker=True).write()),
+            "--root-certificates", str(fed.tls / "ca.crt"),
+            "--auth-supernode-private-key", str(key)]
+    with (fed.tmp / "hostile.log").open("ab") as out:
+        node = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    fed.procs.append(node)
+    elsewhere = fed.tmp / "elsewhere"
+    try:
+        _run(TINY, fed.overrides("hostile") + ["data.num_clients=3", "clients.per_round=3",
+                                               "run.rounds=1", f"run.out_dir={elsewhere}"])
+    finally:
+        fed.stop([node])
+        stop.set()
+        Client(str(root / worker.SOCKET), family="AF_UNIX",
+               authkey=(root / worker.KEY).read_bytes()).close()  # wakes its accept()
+        thread.join(10)
+
+    assert not elsewhere.exists()
+    run_dir = fed.runs_dir / "hostile"
+    r1 = _rows(run_dir / "metrics.jsonl")[1]
+    assert r1["clients"] == [0, 1, 2] and list(r1["rejected"]) == ["2"]
+    reason = r1["rejected"]["2"]
+    assert reason.startswith("SuperNode ") and "(partition 2): malformed node reply: " \
+        "'stats' and 'info' must be JSON objects, 'info' is a list" in reason, reason
+    assert r1["train_loss"] is not None  # clients 0 and 1 were aggregated
+    assert set(r1["flower"]["2"]) == {"node_id", "seconds"}  # nothing of the node's info
+    ledger = [(r["client"], r["direction"]) for r in _rows(run_dir / "ledger.jsonl")]
+    assert (2, "down") in ledger and (2, "up") not in ledger
+    assert (run_dir / "final" / "adapter_config.json").is_file()
+
+
+def _examples(path: Path, n: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": f"{path.stem} {i} + {i} =",
+                                        "completion": f" {2 * i}"}) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.mark.e2e
+def test_data_holders_own_their_data_and_their_client(federation, caplog):
+    """Three nodes started with data of their own and pins, next to the demo nodes 0 and
+    1: client 2 trains on its 7 examples; client 3 pins another method and refuses the
+    run, its reason in the server's metrics and its own log; a node claiming client 2
+    with another key (the operator bound client 2 to its holder's key ahead of contact)
+    is refused, never trained, and the run goes on; the ServerApp opened its own
+    evaluation set and none of the holders' files."""
+    fed = federation
+    holders = fed.tmp / "holders"
+    data = {name: _examples(holders / f"{name}.jsonl", n)
+            for name, n in (("clinic", 7), ("lab", 5), ("intruder", 9))}
+    evaluation = _examples(fed.tmp / "server-eval" / "eval.jsonl", 4)
+    keys = {name: fed.tmp / "keys" / f"holder-{name}" for name in data}
+    public = {name: make_node_key(key) for name, key in keys.items()}
+    ids = dict(zip(public, fed.register(list(public.values())), strict=True))
+    # the SuperLink host's operator binds client 2 to the clinic's key (whatever bound it)
+    assert fedbits_main(["flower", "holders", "--dir", str(fed.tmp / "superlink"),
+                         "--bind", "2", str(public["clinic"])]) == 0
+    secure = ("--root-certificates", str(fed.tls / "ca.crt"))
+    pins = ("--allow-model", "tiny-llama", "--max-rounds", "3")
+    started = {
+        "clinic": fed.start_node("holder-clinic", "--client-id", "2", "--data",
+                                 str(data["clinic"]), *pins, "--allow-method", "fedit", *secure,
+                                 "--auth-key", str(keys["clinic"])),
+        "lab": fed.start_node("holder-lab", "--client-id", "3", "--data", str(data["lab"]),
+                              *pins, "--allow-method", "fedkseed", *secure,
+                              "--auth-key", str(keys["lab"])),
+        "intruder": fed.start_node("holder-intruder", "--client-id", "2", "--data",
+                                   str(data["intruder"]), *pins, "--allow-method", "fedit",
+                                   *secure, "--auth-key", str(keys["intruder"])),
+    }
+    try:
+        fed.wait_online(list(ids.values()))  # the intruder is online before the run asks
+        run_dir = _run(TINY, fed.overrides("holders") + [
+            "data.num_clients=4", "clients.per_round=4", "run.rounds=1",
+            f"data.eval_source={evaluation}"])
+    finally:
+        fed.stop([proc for proc, _ in started.values()])
+
+    r1 = _rows(run_dir / "metrics.jsonl")[1]
+    assert r1["clients"] == [0, 1, 2, 3] and list(r1["rejected"]) == ["3"], caplog.text
+    assert r1["rejected"]["3"] == (
+        f"SuperNode {ids['lab']} cannot serve it: client 3 refuses this run: method.name "
+        "'fedit' is not a method it allows (--allow-method: fedkseed)")
+    assert r1["flower"]["2"]["node_id"] == ids["clinic"] and "eval_loss" in r1
+    assert f"SuperNode {ids['clinic']} serves client 2 with 7 examples of its own" in caplog.text
+    assert f"SuperNode {ids['intruder']} (key {public_key_file_fingerprint(public['intruder'])})" \
+        " claims client 2, which is bound to another key" in caplog.text
+    bound = Holders(fed.tmp / "superlink" / HOLDERS_FILE).read()
+    assert bound[2].key == public_key_file_fingerprint(public["clinic"])
+    assert bound[3].key == public_key_file_fingerprint(public["lab"])  # on first contact
+    logs = {name: log.read_text() for name, (_, log) in started.items()}
+    assert "round 1: training client 2" in logs["clinic"]
+    assert "training" not in logs["intruder"], logs["intruder"][-3000:]
+    assert "client 3 refuses this run: method.name 'fedit'" in logs["lab"]
+    assert "shared-source demo" in (fed.tmp / "node-0.log").read_text()
+    # the ServerApp process opened its own evaluation set, never a holder's file
+    opened = fed.opens.read_text()
+    assert f" {evaluation}\n" in opened
+    assert str(holders) not in opened, opened

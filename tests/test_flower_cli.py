@@ -9,6 +9,7 @@ start one (a run without a connection) check that none did.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,25 +105,24 @@ def test_following_a_run_without_a_connection_starts_nothing(
 # item 11: the `fedbits flower` helpers
 
 
-def test_certs_run_again_keeps_the_ca_and_keys_unless_forced(
+def test_certs_run_again_keeps_the_ca_unless_forced(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A second ``certs`` would lock out every node and operator holding the old CA and
-    every registered node key: refused, naming the files, unless ``--force``."""
-    certs = ["flower", "certs", str(tmp_path / "tls"), "--host", "127.0.0.1", "--nodes", "2"]
+    """A second ``certs`` would lock out every node and operator holding the old CA:
+    refused, naming the files and the two ways on (``--renew``, ``--force``)."""
+    certs = ["flower", "certs", str(tmp_path / "tls"), "--host", "127.0.0.1"]
     assert main(certs) == 0
     first = _files(tmp_path / "tls")
-    assert set(first) == {"ca.crt", "ca.key", "superlink.crt", "superlink.key",
-                          "node-0", "node-0.pub", "node-1", "node-1.pub"}
+    assert set(first) == {"ca.crt", "ca.key", "superlink.crt", "superlink.key"}
     capsys.readouterr()
 
     assert main(certs) == 2
     err = _error(capsys)
-    assert "ca.crt" in err and "--force" in err
+    assert "ca.crt" in err and "--renew" in err and "--force" in err
     assert _files(tmp_path / "tls") == first
 
-    # one more node than before: still refused as a whole, nothing half-replaced
-    assert main(certs[:-1] + ["3"]) == 2
-    assert _files(tmp_path / "tls") == first
+    (tmp_path / "tls" / "superlink.crt").unlink()  # a partial set: still refused as a whole
+    assert main(certs) == 2
+    assert _files(tmp_path / "tls") == {k: v for k, v in first.items() if k != "superlink.crt"}
 
     assert main(certs + ["--force"]) == 0
     again = _files(tmp_path / "tls")
@@ -130,14 +130,36 @@ def test_certs_run_again_keeps_the_ca_and_keys_unless_forced(
     assert (tmp_path / "tls" / "ca.key").stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize("nodes", ["-1", "0", "two"])
-def test_certs_refuses_a_node_count_that_is_not_positive(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], nodes: str) -> None:
-    """``--nodes -1`` used to make no keys and say nothing."""
-    err = _usage_error(capsys, ["flower", "certs", str(tmp_path / "tls"), "--host", "h",
-                                "--nodes", nodes])
-    assert "--nodes" in err and f"{nodes!r} is not a positive integer" in err
-    assert not (tmp_path / "tls").exists()
+def test_an_overwrite_on_flower_is_refused_before_anything_starts(
+        flwr_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        no_new_processes: None) -> None:
+    """The SuperLink host never deletes a run directory because a submitted run asks:
+    ``--overwrite`` is refused on the operator's side, saying what the host's operator
+    does instead; nothing is submitted or written."""
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        '[superlink]\ndefault = "lab"\n[superlink.lab]\naddress = "127.0.0.1:1"\n'
+        'insecure = true\n')
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    sets = ["runtime.kind=flower", f"run.out_dir={tmp_path / 'runs'}", "run.name=mine"]
+    assert main(["run", str(TINY), *[a for s in sets for a in ("--set", s)],
+                 "--overwrite"]) == 2
+    err = _error(capsys)
+    assert "--overwrite does not apply to a run on Flower" in err
+    assert "rm -r RUNS_DIR/mine" in err and "--runs-dir" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_the_app_carries_no_overwrite_flag(tmp_path: Path) -> None:
+    """A submitted app cannot ask the SuperLink host to delete anything: its run config
+    holds the fedbits config and the resume flag only, and ``--overwrite`` is gone."""
+    assert main(["flower", "app", str(TINY), "--out", str(tmp_path), "--resume"]) == 0
+    pyproject = tomllib.loads((tmp_path / "fedbits-app" / "pyproject.toml").read_text())
+    config = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(config) == {"fedbits-config", "fedbits-resume"} and config["fedbits-resume"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["flower", "app", str(TINY), "--out", str(tmp_path / "b"), "--overwrite"])
+    assert exit_.value.code == 2
 
 
 @pytest.mark.parametrize("name, address, culprit", [
@@ -204,6 +226,51 @@ def test_supernode_refuses_bad_numbers_before_starting(
     err = _usage_error(capsys, ["flower", "supernode", "--superlink", "127.0.0.1:1",
                                 "--insecure", "--dir", str(tmp_path / "node"), *argv])
     assert culprit in err
+    assert not (tmp_path / "node").exists()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--client-id", "0", "--partition-id", "0"], "not allowed with argument"),
+    (["--client-id", "0", "--allow-model", ""], "argument --allow-model: '' is not a name"),
+    (["--client-id", "0", "--allow-method", "fedit\nfedkseed"],
+     "argument --allow-method: 'fedit\\nfedkseed' is not a name"),
+    (["--client-id", "0", "--max-rounds", "0"], "argument --max-rounds: '0' is not a positive"),
+    (["--client-id", "0", "--max-payload-mb", "nan"],
+     "argument --max-payload-mb: 'nan' is not a positive number"),
+])
+def test_supernode_refuses_bad_pins_while_parsing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_new_processes: None,
+        argv: list[str], culprit: str) -> None:
+    err = _usage_error(capsys, ["flower", "supernode", "--superlink", "127.0.0.1:1",
+                                "--insecure", "--dir", str(tmp_path / "node"), *argv])
+    assert culprit in err
+    assert not (tmp_path / "node").exists()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--client-id", "0"], "--data (this data holder's own data) goes with --client-id N"),
+    (["--partition-id", "0", "--data", "DATA"], "--data (this data holder's own data) goes"),
+    (["--client-id", "0", "--data", "missing.jsonl"], "--data missing.jsonl: not found"),
+    (["--client-id", "0", "--data", "DATA"], "must say which models and methods it accepts"),
+    (["--client-id", "0", "--data", "DATA", "--allow-model", "tiny-llama"],
+     "must say which models and methods it accepts"),
+    (["--client-id", "0", "--data", "DATA", "--allow-method", "fedit", "--allow-model",
+      "/no/such/model"], "--allow-model /no/such/model: not found on this node"),
+    (["--client-id", "0", "--data", "BAD", "--allow-method", "fedit", "--allow-model",
+      "tiny-llama"], "BAD: line 2: invalid JSON"),
+])
+def test_a_data_holders_mistake_is_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_new_processes: None,
+        monkeypatch: pytest.MonkeyPatch, argv: list[str], culprit: str) -> None:
+    """A node that would start without its data, or accepting anything, is refused with
+    the flag named; a damaged data file is named with its line before the node starts."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DATA").write_text('{"prompt": "1 + 1 =", "completion": " 2"}\n')
+    (tmp_path / "BAD.jsonl").write_text('{"prompt": "1 + 1 =", "completion": " 2"}\n{oops\n')
+    argv = [a.replace("BAD", str(tmp_path / "BAD.jsonl")) for a in argv]
+    assert main(["flower", "supernode", "--superlink", "127.0.0.1:1", "--insecure",
+                 "--dir", str(tmp_path / "node"), *argv]) == 2
+    assert culprit.replace("BAD", str(tmp_path / "BAD.jsonl")) in _error(capsys)
     assert not (tmp_path / "node").exists()
 
 

@@ -272,3 +272,102 @@ def test_dense_server_folds_each_change_as_it_is_decoded(tmp_path):
         server.decode_uplink(1, c, body)
     with pytest.raises(RuntimeError, match="other updates"):
         server.aggregate(1, updates)  # three updates, two decoded
+
+
+def _train_steps(optimizer_kind: str, in_backward: bool) -> dict[str, torch.Tensor]:
+    from fedbits.train import StepInBackward, local_train, make_optimizer
+
+    model, _ = load_model(ModelSection(name="tiny-llama"), seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = ClientsSection(optimizer=optimizer_kind, lr=1e-2, momentum=0.9, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, 200, (2, 16), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    torch.manual_seed(0)
+    if in_backward:
+        with StepInBackward(params, cfg):
+            local_train(model, batches, None)
+        assert all(p.grad is None for p in params)  # each freed once it was used
+    else:
+        local_train(model, batches, make_optimizer(params, cfg))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("optimizer_kind", ["adamw", "sgd"])
+def test_stepping_in_backward_is_bit_identical_to_one_optimizer(optimizer_kind):
+    plain = _train_steps(optimizer_kind, in_backward=False)
+    hooked = _train_steps(optimizer_kind, in_backward=True)
+    for name, value in plain.items():
+        assert torch.equal(value, hooked[name]), name
+
+
+def test_step_in_backward_removes_its_hooks():
+    from fedbits.train import StepInBackward, local_train
+
+    model, _ = load_model(ModelSection(name="tiny-llama"), seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with StepInBackward(params, ClientsSection(lr=1e-2)):
+        pass
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    local_train(model, [batch], None)  # no hook left: nothing steps
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("extra", [
+    [], ["method.downlink_base=init", "method.downlink=['topk:1/4','int8']"],
+    ["method.wire_dtype=bfloat16"],
+])
+def test_the_change_from_the_downlink_again_equals_the_change_from_a_copy(tmp_path, extra):
+    """A dense client rebuilds its start values by decoding the downlink again instead
+    of holding a copy through training: the change is the same, bit for bit."""
+    from fedbits.methods import ClientData
+    from fedbits.methods._updates import train_change
+
+    sim = _sim(tmp_path, "fedavg", *extra)
+    server, client, setup = sim.server, sim.client, sim.setup
+    items, _ = setup.tokenize(setup.clients[0])
+    data = ClientData(items, setup.pad_id, seed=5)
+    body = server.downlink(1, 0)
+    up = client.update(1, 0, body, data, store=None).body
+    got = server.read_change(1, 0, up).delta
+    received = client._received(1, 0, body)
+    client.fill.receive(client.params, received.tensors)
+    copied = train_change(client.model, client.params, data, setup.cfg.clients)
+    for name, value in copied.delta.items():
+        expected = value.to(got[name].dtype) if extra == ["method.wire_dtype=bfloat16"] else value
+        assert torch.equal(got[name], expected), name
+
+
+def test_an_opened_body_is_a_view_of_the_payload_not_a_copy():
+    from fedbits.wire import Direction, Reader, open_envelope, seal
+
+    body = bytes(range(256)) * 64
+    payload = seal("fedavg", 3, Direction.UP, body, limit=1 << 20, what="t")
+    opened = open_envelope(payload, method="fedavg", round_=3, direction=Direction.UP,
+                           limit=1 << 20, what="t")
+    assert isinstance(opened, memoryview) and opened.readonly and bytes(opened) == body
+    assert opened.obj is payload  # no copy of a model-sized body
+    assert Reader(opened).raw(4) == body[:4]
+
+
+@pytest.mark.parametrize(("method", "setting", "expected"), [
+    ("fedavg", "auto", True), ("fedit", "auto", False), ("fedit", "true", True),
+    ("fedavg", "false", False),
+])
+def test_optimizer_in_backward_auto_follows_the_share_that_trains(
+    tmp_path, method, setting, expected
+):
+    from fedbits.methods._updates import _step_in_backward
+
+    sim = _sim(tmp_path, method, f"clients.optimizer_in_backward={setting}")
+    params = list(sim.client.params.values())
+    assert _step_in_backward(sim.client.model, params, sim.cfg.clients) is expected
+
+
+def test_optimizer_in_backward_refuses_other_values():
+    with pytest.raises(ValueError):
+        ClientsSection(optimizer_in_backward="sometimes")

@@ -41,16 +41,31 @@ def split_eval(
     in source order would cover only the first task or two.
     """
     if data.eval_source is not None:
-        train = list(examples)
-        held_out = load_examples(
-            data.eval_source, seed=seed, builtin_per_task=data.builtin_per_task
-        )
-    elif data.eval_split == "fraction":
+        return list(examples), load_eval_source(data, seed)
+    if data.eval_split == "fraction":
         train, held_out = _split_fraction(examples, data.eval_fraction, seed)
     else:
         train, held_out = _split_unseen(examples, data, seed)
     random.Random(seed).shuffle(held_out)
     return train, held_out
+
+
+def load_eval_source(data: DataSection, seed: int) -> list[Example]:
+    """``data.eval_source`` whole, in the seeded order :func:`split_eval` gives it: the
+    evaluation set of a run whose training data is elsewhere (on the Flower nodes)."""
+    if data.eval_source is None:
+        raise DataError("data.eval_source is not set")
+    held_out = load_examples(data.eval_source, seed=seed, builtin_per_task=data.builtin_per_task)
+    random.Random(seed).shuffle(held_out)
+    return held_out
+
+
+def train_split(examples: list[Example], data: DataSection, seed: int) -> list[Example]:
+    """:func:`split_eval`'s training side, without loading ``data.eval_source``: what a
+    node partitions when it only trains (the evaluation set is the server's)."""
+    if data.eval_source is not None:
+        return list(examples)
+    return split_eval(examples, data, seed)[0]
 
 
 def _split_fraction(

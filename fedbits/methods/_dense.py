@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, ErrorFeedback, parse_chain
-from fedbits.compress.tensors import read_values, write_values
+from fedbits.compress.tensors import Received, read_values, write_values
 from fedbits.config import DType
 from fedbits.errors import ClientError
 from fedbits.frozen import Copied, copy_all
@@ -48,13 +48,14 @@ from fedbits.methods.base import (
     MethodContext,
     MethodOptions,
 )
+from fedbits.robust import RobustAggregator
 from fedbits.server_opt import (
     ServerOptName,
     ServerOptOptions,
     apply_pseudo_gradient,
     make_server_optimizer,
 )
-from fedbits.wire import Direction, Layout, Reader, Writer
+from fedbits.wire import Body, Direction, Layout, Reader, Writer
 
 WireDtype = DType
 DownlinkBase = Literal["zero", "init"]
@@ -179,7 +180,8 @@ class DenseServer(_DenseHalf):
     ) -> None:
         super().__init__(ctx, prepare, chains, copied)
         self.optimizer = make_server_optimizer(list(self.params.values()), ctx.options)
-        self.round_sum = RoundSum(self.params)
+        self.round_sum = RoundSum(self.params)  # the mean's changes, folded as they arrive
+        self.robust = RobustAggregator(ctx.robust, ctx.device)
         # (round, body, clients served): every client of a round gets the same object,
         # encoded (and sealed by the runtime) once; dropped once the whole cohort has it,
         # so the server does not hold a copy of the weights beside the sealed payload
@@ -198,14 +200,19 @@ class DenseServer(_DenseHalf):
             self._sent = None  # a later request this round encodes the same bytes again
         return body
 
-    def decode_uplink(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
-        """The client's change, checked and folded into the round's sum at once; the
-        update returned carries its sample count and loss, not the change."""
+    def decode_uplink(self, round_: int, client: int, body: Body) -> DeltaUpdate:
+        """The client's change, checked and bounded (``[robust]``), then folded into the
+        round's sum at once, or held for an order-statistic aggregator; the update
+        returned carries its weight and loss, not the change."""
         update = self.read_change(round_, client, body)
-        self.round_sum.add(round_, update)
+        self.robust.admit(round_, update)
+        if self.robust.streams:
+            self.round_sum.add(round_, update)
+        else:
+            self.robust.hold(update)
         return DeltaUpdate(update.client, update.num_samples, update.train_loss, {})
 
-    def read_change(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
+    def read_change(self, round_: int, client: int, body: Body) -> DeltaUpdate:
         """Decode and check an uplink body without folding it in (for inspection)."""
         sender = f"client {client} uplink"
         r = Reader(body, sender)
@@ -214,25 +221,33 @@ class DenseServer(_DenseHalf):
         delta = read_values(r, self.layout, wire_dtype=self.wire_dtype,
                             chain=self.chains(round_, Direction.UP), field="delta").tensors
         r.finish()
-        check_change(sender, num_samples, delta)
+        check_change(sender, num_samples, train_loss, delta)
         return DeltaUpdate(client, num_samples, train_loss, delta)
 
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        means = self.round_sum.means(round_, narrow(updates, DeltaUpdate))
-        apply_pseudo_gradient(self.optimizer, list(self.params.values()),
-                              [means[name] for name in self.params])
+        """One server step on the round's combined change, unless a defence refused it."""
+        deltas = narrow(updates, DeltaUpdate)
+        if self.robust.streams:
+            outcome = self.robust.streamed(round_, deltas, self.round_sum.means(round_, deltas))
+        else:
+            outcome = self.robust.combine(round_, self.robust.held_for(deltas), self.params)
+        if outcome.changes:
+            apply_pseudo_gradient(self.optimizer, list(self.params.values()),
+                                  [outcome.changes[name] for name in self.params])
         self._sent = None
-        return {}
+        return outcome.stats
 
     def global_model(self) -> nn.Module:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return optimizer_checkpoint(self.params, self.optimizer)
+        return {**optimizer_checkpoint(self.params, self.optimizer),
+                "robust": self.robust.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_checkpoint(self.params, self.optimizer, state)
+        self.robust.load_state_dict(state.get("robust", {}))
 
     def save_final(self, path: Path) -> None:
         save_pretrained(self.model, path)
@@ -254,24 +269,23 @@ class DenseClient(_DenseHalf):
         self.train_received_only = train_received_only
 
     def update(
-        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+        self, round_: int, client: int, downlink: Body, data: ClientData, store: ClientStore
     ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
-        r = Reader(downlink, f"downlink to client {client}")
-        received, sent_indices = read_values(
-            r, self.layout, wire_dtype=self.wire_dtype, chain=self.chains(round_, Direction.DOWN),
-            field="weights",
-        )
-        r.finish()
+        received, sent_indices = self._received(round_, client, downlink)
         self.fill.receive(self.params, received)
         del received  # a copy of the weights: not held through training
         after_step = None
         if self.train_received_only and sent_indices is not None:
             after_step = self._keep_only(sent_indices)
-        change = train_change(self.model, self.params, data, self.ctx.clients, after_step)
 
-        w = Writer().u32(data.num_samples).f32(change.loss)
+        def start() -> dict[str, torch.Tensor]:  # the downlink again, not a copy held
+            return self.fill.values(self.params, self._received(round_, client, downlink).tensors)
+
+        change = train_change(self.model, self.params, data, self.ctx.clients, after_step, start)
+
+        w = Writer().u32(data.claimed_samples).f32(change.loss)
         chain = self.chains(round_, Direction.UP)
         feedback = None
         if chain is not None and self.ctx.options.error_feedback:
@@ -279,7 +293,15 @@ class DenseClient(_DenseHalf):
         up_gen = seeded_generator(data.seed, "uplink")
         write_values(w, self.layout, change.delta, wire_dtype=self.wire_dtype, chain=chain,
                      generator=up_gen, feedback=feedback)
+        del change  # the change, before its bytes are joined into the body
         return ClientResult(w.getvalue())
+
+    def _received(self, round_: int, client: int, downlink: Body) -> Received:
+        r = Reader(downlink, f"downlink to client {client}")
+        received = read_values(r, self.layout, wire_dtype=self.wire_dtype,
+                               chain=self.chains(round_, Direction.DOWN), field="weights")
+        r.finish()
+        return received
 
     def _keep_only(self, indices: torch.Tensor) -> Callable[[], None]:
         """A step hook that puts every trainable position not in ``indices`` back to its

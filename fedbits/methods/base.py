@@ -19,8 +19,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedbits.config import ClientsSection, Config
+from fedbits.config import ClientsSection, Config, RobustSection
 from fedbits.errors import ConfigError
+from fedbits.methods.injected import Injected
+from fedbits.wire import Body
 
 if TYPE_CHECKING:  # transformers loads only when a half is built, not to list methods
     from transformers import PreTrainedModel
@@ -72,6 +74,8 @@ class MethodContext:
     copies everything, which is always safe; LoRA methods copy nothing."""
     base_tensor: Callable[[str], torch.Tensor]  # a parameter's pretrained value, read-only
     device: torch.device  # model.device resolved: where the halves compute
+    # [robust]: how a server bounds what clients send (fedbits.robust); defended by default
+    robust: RobustSection = field(default_factory=RobustSection)
 
 
 @dataclass
@@ -81,10 +85,19 @@ class ClientData:
     items: list  # list[fedbits.data.format.Tokenized]
     pad_id: int
     seed: int  # derived from (run seed, round, client): fixes data order and dropout
+    # what the simulator's [faults] make this client do wrong this round (nothing, as on
+    # a real node); the shared client paths apply it, no method reads it itself
+    injected: Injected = field(default_factory=Injected)
 
     @property
     def num_samples(self) -> int:
         return len(self.items)
+
+    @property
+    def claimed_samples(self) -> int:
+        """The sample count a client half reports in its uplink: :attr:`num_samples`,
+        unless an injected ``weight`` attack claims more."""
+        return self.injected.claimed(self.num_samples)
 
 
 @dataclass
@@ -127,7 +140,7 @@ class ServerSide(Protocol):
         client of a round costs one copy in all: the runtime seals it once."""
         ...
 
-    def decode_uplink(self, round_: int, client: int, body: bytes) -> ClientUpdate:
+    def decode_uplink(self, round_: int, client: int, body: Body) -> ClientUpdate:
         """Decode and validate an opened uplink body; raise WireError/ClientError to
         reject this client (the round goes on without it)."""
         ...
@@ -150,7 +163,7 @@ class ServerSide(Protocol):
 
 class ClientSide(Protocol):
     def update(
-        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+        self, round_: int, client: int, downlink: Body, data: ClientData, store: ClientStore
     ) -> ClientResult:
         """Decode the downlink body, train locally, return the uplink body; raise to
         reject this client for the round."""

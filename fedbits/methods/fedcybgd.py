@@ -74,7 +74,6 @@ from fedbits.methods._updates import (
     seeded_generator,
     tensors_state,
     train_change,
-    weighted_change,
 )
 from fedbits.methods.base import (
     ClientData,
@@ -87,8 +86,9 @@ from fedbits.methods.base import (
     refuse_float16_adamw,
 )
 from fedbits.methods.registry import register
+from fedbits.robust import RobustAggregator
 from fedbits.seeding import derive_seed
-from fedbits.wire import Layout, Reader, Writer
+from fedbits.wire import Body, Layout, Reader, Writer
 from fedbits.wire.codec import tensor_bytes, tensor_from_bytes
 from fedbits.wire.layout import check_fingerprint
 
@@ -193,6 +193,7 @@ class FedCyBGDServer:
         self.version = [0] * self.s.num_blocks  # the round whose aggregate last changed each block
         self.synced: dict[int, int] = {}  # client -> last aggregate its verified copy holds
         self.cohort = Cohort()
+        self.robust = RobustAggregator(ctx.robust, ctx.device)
         self._since: dict[int, int] = {}  # this round: the sync point each client was sent from
 
     def downlink(self, round_: int, client: int) -> bytes:
@@ -223,7 +224,7 @@ class FedCyBGDServer:
             chosen.add(block)
         return sorted(chosen)
 
-    def decode_uplink(self, round_: int, client: int, body: bytes) -> BlockUpdate:
+    def decode_uplink(self, round_: int, client: int, body: Body) -> BlockUpdate:
         sender = f"client {client} uplink"
         r = Reader(body, sender)
         slot = self.cohort.slot(round_, client, sender)
@@ -234,13 +235,15 @@ class FedCyBGDServer:
         delta = read_values(r, self.s.layouts[block], wire_dtype=self.s.wire_dtype, chain=self.s.up,
                             field="delta")
         r.finish()
-        check_change(sender, num_samples, delta)
+        check_change(sender, num_samples, train_loss, delta)
         if digest != block_digest(self.params[n] for n in names):
             raise ClientError(
                 f"{sender}: trained block {block} from weights that differ from the server's "
                 "(its copy is out of sync); it receives every changed block next time"
             )
-        return BlockUpdate(client, num_samples, train_loss, dict(delta), slot=slot, block=block)
+        update = BlockUpdate(client, num_samples, train_loss, dict(delta), slot=slot, block=block)
+        self.robust.admit(round_, update)
+        return update
 
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
@@ -248,17 +251,19 @@ class FedCyBGDServer:
         by_block: dict[int, list[BlockUpdate]] = {}
         for u in sorted(blocks, key=lambda u: u.slot):
             by_block.setdefault(u.block, []).append(u)
-        for block, writers in by_block.items():
-            if not self.s.opts.agg:
-                writers = writers[-1:]  # last writer wins
-            for name in self.s.subset.blocks[block]:
-                change = weighted_change(writers, name, self.params[name])
-                self.params[name].add_(change.to(self.s.dtype))
+        # the last writer wins, unless agg combines the pair (as robust.aggregator says)
+        writers = [u for pair in by_block.values()
+                   for u in (pair if self.s.opts.agg else pair[-1:])]
+        outcome = self.robust.combine(round_, writers, self.params)
+        for name, change in outcome.changes.items():
+            self.params[name].add_(change.to(self.s.dtype))
+        updated = sorted({b for b in by_block if self.s.subset.blocks[b][0] in outcome.changes})
+        for block in updated:
             self.version[block] = round_
         if self.s.opts.download == "changed":
             for u in blocks:  # its copy now holds every aggregate before this round
                 self.synced[u.client] = round_ - 1
-        return {"blocks_updated": len(by_block)}
+        return {"blocks_updated": len(updated), **outcome.stats}
 
     def global_model(self) -> nn.Module:
         return self.model
@@ -268,12 +273,14 @@ class FedCyBGDServer:
             "params": tensors_state(self.params),
             "version": torch.tensor(self.version, dtype=torch.int64),
             "synced": torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2),
+            "robust": self.robust.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_tensors(self.params, state["params"])
         self.version = state["version"].tolist()
         self.synced = {int(c): int(s) for c, s in state["synced"].tolist()}
+        self.robust.load_state_dict(state.get("robust", {}))
 
     def save_final(self, path: Path) -> None:
         save_pretrained(self.model, path)
@@ -294,7 +301,7 @@ class FedCyBGDClient:
         self.changed: set[int] = set()  # blocks that differ from the pretrained model
 
     def update(
-        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+        self, round_: int, client: int, downlink: Body, data: ClientData, store: ClientStore
     ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
@@ -306,7 +313,7 @@ class FedCyBGDClient:
         digest = block_digest(trained.values())  # the block it starts from
         change = train_change(model, trained, data, self.ctx.clients)
 
-        w = Writer().u32(data.num_samples).f32(change.loss).u64(digest)
+        w = Writer().u32(data.claimed_samples).f32(change.loss).u64(digest)
         gen = seeded_generator(data.seed, "uplink")
         write_values(w, self.s.layouts[block], change.delta, wire_dtype=self.s.wire_dtype,
                      chain=self.s.up, generator=gen)
@@ -319,7 +326,7 @@ class FedCyBGDClient:
 
     @torch.no_grad()
     def load(
-        self, round_: int, client: int, downlink: bytes, store: ClientStore
+        self, round_: int, client: int, downlink: Body, store: ClientStore
     ) -> tuple[nn.Module, int, int]:
         """The model this downlink body stands for: pretrained, then the blocks in the
         store (``changed`` only), then the blocks that came down (kept in the store for

@@ -61,7 +61,6 @@ from fedbits.methods._updates import (
     save_pretrained,
     seeded_generator,
     train_change,
-    weighted_change,
 )
 from fedbits.methods.base import (
     ClientData,
@@ -74,8 +73,9 @@ from fedbits.methods.base import (
 )
 from fedbits.methods.fedit import FedITOptions, add_lora
 from fedbits.methods.registry import register
+from fedbits.robust import RobustAggregator
 from fedbits.server_opt import apply_pseudo_gradient, make_server_optimizer
-from fedbits.wire import Layout, Reader, Writer
+from fedbits.wire import Body, Layout, Reader, Writer
 
 
 class PartialOptions(FedITOptions, SubsetOptions):
@@ -137,6 +137,7 @@ class PartialServer(_PartialHalf):
         super().__init__(ctx)
         self.optimizer = make_server_optimizer(list(self.params.values()), self.opts)
         self.cohort = Cohort()
+        self.robust = RobustAggregator(ctx.robust, ctx.device)
         self._values: tuple[int, bytes] | None = None  # (round, encoded universe): once per round
 
     def downlink(self, round_: int, client: int) -> bytes:
@@ -149,7 +150,7 @@ class PartialServer(_PartialHalf):
             self._values = (round_, w.getvalue())
         return Writer().u32(slot).raw(self._values[1]).getvalue()
 
-    def decode_uplink(self, round_: int, client: int, body: bytes) -> DeltaUpdate:
+    def decode_uplink(self, round_: int, client: int, body: Body) -> DeltaUpdate:
         sender = f"client {client} uplink"
         r = Reader(body, sender)
         block, _ = self.subset.select(round_, self.cohort.slot(round_, client, sender))
@@ -158,32 +159,33 @@ class PartialServer(_PartialHalf):
         delta = read_values(r, self.block_layout(block), wire_dtype=self.wire_dtype, chain=self.up,
                             field="delta")
         r.finish()
-        check_change(sender, num_samples, delta)
-        return DeltaUpdate(client, num_samples, train_loss, dict(delta))  # the block's tensors
+        check_change(sender, num_samples, train_loss, delta)
+        update = DeltaUpdate(client, num_samples, train_loss, dict(delta))  # the block's tensors
+        self.robust.admit(round_, update)
+        return update
 
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        """Per tensor, the sample-weighted mean change of the clients that trained it;
-        one server step on those tensors only."""
-        deltas = narrow(updates, DeltaUpdate)
-        names, means = [], []
-        for name, p in self.params.items():
-            writers = [u for u in deltas if name in u.delta]
-            if writers:
-                names.append(name)
-                means.append(weighted_change(writers, name, p))
-        apply_pseudo_gradient(self.optimizer, [self.params[n] for n in names], means)
+        """Per tensor, the combined change of the clients that trained it (by default
+        their sample-weighted mean, ``[robust]``); one server step on those tensors only."""
+        outcome = self.robust.combine(round_, narrow(updates, DeltaUpdate), self.params)
+        names = list(outcome.changes)
+        if names:
+            apply_pseudo_gradient(self.optimizer, [self.params[n] for n in names],
+                                  [outcome.changes[n] for n in names])
         self._values = None
-        return {"tensors_updated": len(names)}
+        return {"tensors_updated": len(names), **outcome.stats}
 
     def global_model(self) -> nn.Module:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return optimizer_checkpoint(self.params, self.optimizer)
+        return {**optimizer_checkpoint(self.params, self.optimizer),
+                "robust": self.robust.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_checkpoint(self.params, self.optimizer, state)
+        self.robust.load_state_dict(state.get("robust", {}))
         self._values = None
 
     def save_final(self, path: Path) -> None:
@@ -195,7 +197,7 @@ class PartialClient(_PartialHalf):
     overwritten from each downlink and nothing else ever changes, so no reset is needed."""
 
     def update(
-        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+        self, round_: int, client: int, downlink: Body, data: ClientData, store: ClientStore
     ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
@@ -211,7 +213,7 @@ class PartialClient(_PartialHalf):
         train_only(self.model, trained)
         change = train_change(self.model, trained, data, self.ctx.clients)
 
-        w = Writer().u32(data.num_samples).f32(change.loss)
+        w = Writer().u32(data.claimed_samples).f32(change.loss)
         feedback = None
         if self.up is not None and self.opts.error_feedback:
             feedback = ErrorFeedback(store, f"{self.name}-residual-{block}",

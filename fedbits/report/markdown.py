@@ -37,6 +37,7 @@ def write_report(run_dir: str | Path) -> Path:
         _summary(run),
         _rounds_table(run),
         _rejections(run),
+        *([_faults(run)] if run.has_faults() else []),
         _client_bytes_table(run),
         _metric_change(run),
         _totals(run),
@@ -68,6 +69,7 @@ def _summary(run: Run) -> list[str]:
         f"- **Data source:** {config_value(run.config, 'data', 'source') or MISSING}",
         f"- **Rounds:** {run.last_round}",
         f"- **Clients per round:** {_clients_per_round(run)}{of_clients}",
+        *_fault_summary(run),
         *_accepted_summary(run),
     ]
 
@@ -154,6 +156,53 @@ def _number_ranges(numbers: Iterable[int]) -> str:
         else:
             spans.append([n, n])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+_FAULT_NAMES = {"dropped": "dropped out", "late": "missed the deadline", "crashed": "crashed"}
+
+
+def _rejected(run: Run) -> set[tuple[int, int]]:
+    """Every (round, client) whose update the run rejected."""
+    return {hit for hits in run.rejections().values() for hit in hits}
+
+
+def _fault_summary(run: Run) -> list[str]:
+    """The summary's line on injected faults ([faults]): a run that injects them exists to
+    measure a defence, so it says how many attacked updates were rejected."""
+    if not run.has_faults():
+        return []
+    faults = run.injected_faults()
+    rejected = _rejected(run)
+    parts = [f"{len(faults[k])} {name}" for k, name in _FAULT_NAMES.items() if k in faults]
+    attacked = [hit for kind, hits in faults.items() if kind.startswith("attack") for hit in hits]
+    if attacked:
+        parts.append(f"{len(attacked)} attacked ({sum(h in rejected for h in attacked)} "
+                     "of them rejected)")
+    return [f"- **Faults injected:** {', '.join(parts) or 'none struck'}"]
+
+
+def _faults(run: Run) -> list[str]:
+    """Each injected fault: how often it struck, where, and how many of the updates it
+    touched were rejected. Clients that dropped out, missed the deadline or crashed sent
+    nothing, so they are all rejected (and listed under *Rejected updates* with why)."""
+    title = ["## Injected faults", ""]
+    faults = run.injected_faults()
+    if not faults:
+        return [*title, "The run injects faults (`[faults]`), but none struck."]
+    rejected = _rejected(run)
+    rows = [
+        [_FAULT_NAMES.get(kind, kind), str(len(hits)), str(sum(h in rejected for h in hits)),
+         _number_ranges(r for r, _ in hits), _number_ranges(c for _, c in hits)]
+        for kind, hits in faults.items()
+    ]
+    table = _md_table(["fault", "updates", "rejected", "rounds", "clients"], rows)
+    slow = [s for row in run.rows for s in (row.get("faults") or {}).get("slow", {}).values()]
+    seconds = sum(float((row.get("faults") or {}).get("simulated_seconds", 0.0))
+                  for row in run.rows)
+    time_line = f"Simulated time: {seconds:.1f} s over the rounds"
+    if slow:
+        time_line += f"; {len(slow)} slow clients, {sum(slow) / len(slow):.1f} s on average"
+    return [*title, *table, "", time_line + "."]
 
 
 def _client_bytes_table(run: Run) -> list[str]:

@@ -64,6 +64,25 @@ class Run:
                 out.setdefault(reason, []).append((row["round"], int(client)))
         return out
 
+    def injected_faults(self) -> dict[str, list[tuple[int, int]]]:
+        """``{fault: [(round, client), ...]}``: what the simulator's ``[faults]`` made
+        clients do, each attack under its own name (``"attack: nan"``); empty for a run
+        without faults. Dropouts, late and crashed clients are rejections too, so they
+        also appear in :meth:`rejections`; an attacked update was rejected only if the
+        server refused it."""
+        out: dict[str, list[tuple[int, int]]] = {}
+        for row in self.rows:
+            faults = row.get("faults") or {}
+            for kind in ("dropped", "late", "crashed"):
+                out.setdefault(kind, []).extend((row["round"], c) for c in faults.get(kind, []))
+            for client, attack in faults.get("attacked", {}).items():
+                out.setdefault(f"attack: {attack}", []).append((row["round"], int(client)))
+        return {kind: hits for kind, hits in out.items() if hits}
+
+    def has_faults(self) -> bool:
+        """Whether the run injected faults (its config has a ``[faults]`` section)."""
+        return any("faults" in row for row in self.rows)
+
     def accepted_updates(self) -> tuple[int, int]:
         """``(accepted, sampled)`` client updates over the training rounds: every sampled
         client owes one update, and a rejected one is not aggregated."""
@@ -198,16 +217,28 @@ def _check_metrics_row(row: Any) -> str | None:
         value = row.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{key!r} must be a number or null, got {value!r}"
-    return _check_rejected(row.get("rejected", {}))
+    return _check_rejected(row.get("rejected", {})) or _check_faults(row.get("faults", {}))
+
+
+def _check_faults(faults: Any) -> str | None:
+    """The report counts injected faults by client, so the lists must hold client ids and
+    ``attacked`` must map client ids to attack names, as the simulator writes them."""
+    ok = isinstance(faults, dict) and all(
+        isinstance(faults.get(kind, []), list) and all(_is_int(c) for c in faults.get(kind, []))
+        for kind in ("dropped", "late", "crashed")
+    ) and _is_id_map(faults.get("attacked", {}), str)
+    return None if ok else f"'faults' is not a fault record as the simulator writes it: {faults!r}"
+
+
+def _is_id_map(value: Any, kind: type) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, kind) for k, v in value.items())
 
 
 def _check_rejected(rejected: Any) -> str | None:
     """The report groups rejections by reason and lists client ids as numbers, so the
     field must be ``{"<client id>": "<reason>"}`` as the runtime writes it."""
-    if not isinstance(rejected, dict) or not all(
-        isinstance(client, str) and client.isdigit() and isinstance(reason, str)
-        for client, reason in rejected.items()
-    ):
+    if not _is_id_map(rejected, str):
         return f"'rejected' must map client ids to reasons, got {rejected!r}"
     return None
 

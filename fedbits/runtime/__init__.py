@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
 RUN_FILES = frozenset({
     CONFIG_FILE, "metrics.jsonl", "ledger.jsonl", "checkpoints", "client_store", "final",
-    "report.md", "flower.json",
+    "report.md", "flower.json", "holders.json",
 })
 """What fedbits writes in a run directory (plus plots, ``*.png``): ``--overwrite``
 removes a directory only when it holds nothing else."""

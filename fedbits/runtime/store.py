@@ -180,6 +180,16 @@ class ClientStores:
         self._written.setdefault(round_, set()).add((client, key))
         self._remember((round_, client, key), value)
 
+    def discard(self, round_: int, client: int) -> None:
+        """Undo ``client``'s writes of round ``round_``: its update failed, and a client
+        that sent nothing must start its next round from the state it had before this
+        one (as a node whose process died before committing would)."""
+        written = self._written.get(round_, set())
+        for key in sorted(k for c, k in written if c == client):
+            self._drop((round_, client, key))
+            written.discard((client, key))
+        shutil.rmtree(self._pending_dir(round_, client), ignore_errors=True)
+
     # -- commit and recovery ------------------------------------------------------------
     def commit(self, round_: int) -> None:
         """Round ``round_`` is checkpointed: its writes become the committed state, on disk

@@ -5,12 +5,13 @@ Methods write and read their bodies with :class:`Writer`/:class:`Reader` and
 envelope (:mod:`.envelope`) and records the ledger.
 """
 
-from fedbits.wire.codec import Reader, Writer
+from fedbits.wire.codec import Body, Reader, Writer
 from fedbits.wire.envelope import Direction, header_size, open_envelope, seal
 from fedbits.wire.layout import Layout, read_tensors, write_tensors
 from fedbits.wire.ledger import Ledger
 
 __all__ = [
+    "Body",
     "Direction",
     "Layout",
     "Ledger",

@@ -9,6 +9,7 @@ bytes actually present, so a hostile or truncated payload raises
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -52,6 +53,11 @@ def tensor_from_bytes(buf: bytes | memoryview, dtype: torch.dtype, count: int) -
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype.newbyteorder("<")
     arr = np.frombuffer(buf, dtype=np_dtype, count=count)
     return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+
+
+Body = bytes | memoryview
+"""A message body as a method's half receives it: a read-only view into the sealed
+payload (no copy of a model-sized body), which :class:`Reader` reads like bytes."""
 
 
 class Writer:
@@ -99,6 +105,16 @@ class Writer:
         sides derive it from the model (see :class:`fedbits.wire.layout.Layout`)."""
         return self.u8(dtype_code(t.dtype)).u64(t.numel()).raw(tensor_bytes(t))
 
+    def tensors_as_one(self, tensors: Iterable[torch.Tensor], dtype: torch.dtype) -> Writer:
+        """What :meth:`tensor` writes for the concatenation of ``tensors`` in ``dtype``,
+        without building it: a model's weights go out with one copy (their bytes), not
+        two (a flat tensor, then its bytes)."""
+        parts = [tensor_bytes(t.detach().to(dtype)) for t in tensors]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.u8(dtype_code(dtype)).u64(sum(len(part) for part in parts) // itemsize)
+        self._parts.extend(parts)
+        return self
+
     def getvalue(self) -> bytes:
         return b"".join(self._parts)
 
@@ -107,7 +123,7 @@ class Reader:
     """Reads what :class:`Writer` wrote; every read is bounds-checked."""
 
     def __init__(self, data: bytes | bytearray | memoryview, what: str = "payload") -> None:
-        self._view = memoryview(data)
+        self._view = memoryview(data).toreadonly()
         self._pos = 0
         self._what = what
 
@@ -147,6 +163,11 @@ class Reader:
 
     def raw(self, n: int, field: str = "raw") -> bytes:
         return bytes(self._take(n, field))
+
+    def view(self, n: int, field: str = "raw") -> memoryview:
+        """The next ``n`` bytes without copying them: a read-only view that keeps the
+        whole payload alive (for a body the size of a model, not for small fields)."""
+        return self._take(n, field)
 
     def blob(self, field: str = "blob") -> bytes:
         return self.raw(self.u32(field + ".length"), field)

@@ -73,9 +73,10 @@ def seal(
 
 def open_envelope(
     payload: bytes, *, method: str, round_: int, direction: Direction, limit: int, what: str
-) -> bytes:
+) -> memoryview:
     """The body of ``payload`` after checking every envelope field; errors name ``what``
-    (e.g. "client 3 uplink")."""
+    (e.g. "client 3 uplink"). A read-only view, not a copy: the body of a FedAvg
+    payload is the whole model, and the payload is held until the body is decoded."""
     _check_size(len(payload), limit, what)
     r = Reader(payload, what)
     if r.raw(2, "magic") != MAGIC:
@@ -93,7 +94,7 @@ def open_envelope(
             "bytes present (truncated or trailing garbage)"
         )
     head_len = len(payload) - r.remaining
-    body = r.raw(length, "body")
+    body = r.view(length, "body")
     crc = r.u32("checksum")
     r.finish()
     # The checksum first: a corrupted payload reads as corrupted, not as a wrong field.

@@ -45,9 +45,12 @@ class Layout:
             h.update(f"{name}:{','.join(map(str, shape))};".encode())
         return int.from_bytes(h.digest()[:8], "little")
 
-    def flatten(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def check_names(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if tuple(tensors) != self.names:
             raise WireError("tensor set does not match the layout (names or order differ)")
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        self.check_names(tensors)
         return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors.values()])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,7 +69,8 @@ def write_tensors(
     w: Writer, layout: Layout, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype
 ) -> None:
     """Fingerprint (u64) then all values, flattened in layout order, as one tensor."""
-    w.u64(layout.fingerprint).tensor(layout.flatten(tensors, dtype))
+    layout.check_names(tensors)
+    w.u64(layout.fingerprint).tensors_as_one(tensors.values(), dtype)
 
 
 def check_fingerprint(fp: int, layout: Layout, field: str) -> None:

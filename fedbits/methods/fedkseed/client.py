@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from fedbits.data.batching import iterate_batches
-from fedbits.errors import ClientError
+from fedbits.errors import ClientError, WireError
 from fedbits.methods.base import ClientData, ClientResult, ClientStore, MethodContext
 from fedbits.methods.fedkseed import protocol
 from fedbits.seeding import derive_seed
-from fedbits.wire import Reader
+from fedbits.wire import Body, Reader
 from fedbits.zo.replay import Replay, SeedKeys, rebuild, to_fixed
 from fedbits.zo.step import ZeroOrderTrainer
 
@@ -78,7 +78,7 @@ class FedKSeedClient:
         return torch.multinomial(probs, steps, replacement=True, generator=gen).tolist()
 
     def update(
-        self, round_: int, client: int, downlink: bytes, data: ClientData, store: ClientStore
+        self, round_: int, client: int, downlink: Body, data: ClientData, store: ClientStore
     ) -> ClientResult:
         if not data.items:
             raise ClientError(f"client {client} has no training data")
@@ -88,11 +88,14 @@ class FedKSeedClient:
         )
         pool = np.zeros(self.opts.num_seeds) if full else self._load_pool(store)
         pool[indices] = values
-        store.put(POOL_KEY, pool.astype("<f8").tobytes())
-
         start = time.perf_counter()
-        replayed = self.sync(pool)
+        try:
+            replayed = self.sync(pool)
+        except OverflowError as e:  # refused before the replay changed anything: no
+            # server publishes a pool that its own replay could not hold
+            raise WireError(f"downlink to client {client}: field entries.values: {e}") from None
         replay_seconds = time.perf_counter() - start
+        store.put(POOL_KEY, pool.astype("<f8").tobytes())  # a pool this client could replay
         digest = protocol.model_digest(self.model)
 
         cfg = self.ctx.clients
@@ -103,11 +106,12 @@ class FedKSeedClient:
         losses: list[float] = []
         start = time.perf_counter()
         with self.trainer.attached():
-            for index, batch in zip(seeds, batches, strict=True):  # local_steps of each
+            for done, (index, batch) in enumerate(zip(seeds, batches, strict=True), 1):
                 loss_plus, loss_minus, g = self.trainer.step(self.keys.seeds[index], batch)
-                if g is not None:
-                    steps.append((index, g))
+                if g is not None:  # an injected value attack strikes the scalar it sends
+                    steps.append((index, data.injected.tamper_scalar(g)))
                     losses.append((loss_plus + loss_minus) / 2)
+                data.injected.step_done(done)  # an injected crash strikes here
         if not steps:
             raise ClientError(f"client {client}: every local step had a non-finite loss")
         stats = {
@@ -116,7 +120,7 @@ class FedKSeedClient:
             "skipped_steps": cfg.local_steps - len(steps),
         }
         up = protocol.encode_uplink(
-            data.num_samples, float(np.mean(losses)), digest, steps, self.opts.uplink_format(),
+            data.claimed_samples, float(np.mean(losses)), digest, steps, self.opts.uplink_format(),
             self.opts.num_seeds, steps_only=self.pro,
         )
         return ClientResult(up, stats)

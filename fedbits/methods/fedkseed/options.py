@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from fedbits.config import DType
+from fedbits.config import Config, DType
+from fedbits.errors import ConfigError
 from fedbits.methods.base import MethodOptions
 from fedbits.methods.fedkseed.wire import EntryFormat, ScalarDtype
 
@@ -32,12 +33,21 @@ class FedKSeedOptions(MethodOptions):
         "accumulator and replays only changed seeds; full: every client rebuilds from "
         "its base weights and its whole pool (a node that keeps nothing else)"
     )
-    max_scalar: float = Field(1e6, gt=0, description="uplink scalars beyond ± this are rejected")
+    max_scalar: float = Field(
+        1e6, gt=0, description="a client with an uplink scalar beyond ± this is rejected: a "
+        "sanity cap; robust.scalar_bound clips each scalar to what recent rounds saw")
     max_views: int = Field(
         4096, ge=1, le=1 << 20, description="the server remembers the pool it last sent this "
         "many clients (K float64 each) to send them only what changed; a client it forgot "
         "gets the whole pool, so server memory does not grow with the number of clients"
     )
+
+    def check_config(self, cfg: Config) -> None:
+        if cfg.robust.aggregator != "mean":
+            raise ConfigError(
+                f"robust.aggregator = {cfg.robust.aggregator!r} combines weight changes; "
+                f"{cfg.method.name} sums seed scalars (its defences are robust.scalar_bound "
+                "and robust.max_weight): use robust.aggregator = 'mean'")
 
     def uplink_format(self) -> EntryFormat:
         return EntryFormat(self.wire, self.scalar_dtype, self.zstd)

@@ -22,6 +22,7 @@ import torch
 import zstandard
 from torch import nn
 
+from fedbits.compress.stages.zstd import decompress_bounded
 from fedbits.errors import WireError
 from fedbits.methods.base import ClientUpdate
 from fedbits.methods.fedkseed.wire import EntryFormat, decode_entries, encode_entries
@@ -75,11 +76,8 @@ def decode_downlink(
         if flag == 0:
             raw = r.raw(num_seeds, "importance")
         elif flag == 1:
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(
-                    r.blob("importance"), max_output_size=num_seeds)
-            except zstandard.ZstdError as e:
-                raise WireError(f"{r.what}: importance: {e}") from None
+            # bounded: a frame declaring gigabytes is refused before anything is allocated
+            raw = decompress_bounded(r.blob("importance"), num_seeds, r.what, "importance")
             if len(raw) != num_seeds:
                 raise WireError(f"{r.what}: importance has {len(raw)} levels, expected {num_seeds}")
         else:

@@ -7,10 +7,18 @@ Quantising afresh from the exact pool each round keeps the rounding error from
 accumulating. The server replays only the seeds whose published scalar changed: it
 keeps the int64 accumulator U between rounds (twice a float32 model), and reads the
 base weights w0 through ``ctx.base_tensor`` when it writes the model (no copy kept).
+
+Before scalars enter the pool they are bounded (``[robust]``, :class:`~fedbits.robust.
+SeedDefence`): each clipped to a multiple of the median |scalar| of recent rounds, each
+update's norm over its scalars to a multiple of the median norm, each claimed sample
+count capped; a round whose pool could not be published, or would make the model
+non-finite, is refused and the pool and model stay as they were.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +28,15 @@ import torch
 from torch import nn
 
 from fedbits.errors import ClientError
-from fedbits.methods._updates import save_pretrained
+from fedbits.methods._updates import narrow, save_pretrained
 from fedbits.methods.base import ClientUpdate, MethodContext
 from fedbits.methods.fedkseed import protocol
 from fedbits.methods.fedkseed.wire import quantize
-from fedbits.wire import Reader
+from fedbits.robust import SeedDefence
+from fedbits.wire import Body, Reader
 from fedbits.zo.replay import Replay, SeedKeys, to_fixed
+
+logger = logging.getLogger(__name__)
 
 
 class FedKSeedServer:
@@ -43,6 +54,7 @@ class FedKSeedServer:
         self.history_count = np.zeros(k, dtype=np.int64)
         self.views: dict[int, np.ndarray] = {}  # published pool each client verifiably holds
         self._sent: dict[int, np.ndarray] = {}
+        self.robust = SeedDefence(ctx.robust)
         self.digest = protocol.model_digest(self.model)
 
     # -- downlink -------------------------------------------------------------------
@@ -55,6 +67,10 @@ class FedKSeedServer:
 
     def downlink(self, round_: int, client: int) -> bytes:
         view = self.views.get(client)
+        if view is not None and not self.published[self.published != view].all():
+            # an entry back at zero: the changes' form drops zero entries (a pool's
+            # zeros are implicit), so only the whole pool can carry it
+            view = None
         changed = np.nonzero(self.published if view is None else self.published != view)[0]
         body = protocol.encode_downlink(
             view is None, changed, self.published[changed], self.opts.pool_format(),
@@ -64,7 +80,7 @@ class FedKSeedServer:
         return body
 
     # -- uplink ---------------------------------------------------------------------
-    def decode_uplink(self, round_: int, client: int, body: bytes) -> protocol.SeedUpdate:
+    def decode_uplink(self, round_: int, client: int, body: Body) -> protocol.SeedUpdate:
         sender = f"client {client} uplink"
         update = protocol.decode_uplink(
             Reader(body, sender), client, self.opts.uplink_format(), self.opts.num_seeds,
@@ -72,6 +88,9 @@ class FedKSeedServer:
         )
         if update.num_samples == 0:
             raise ClientError(f"{sender}: reports zero training samples")
+        if not math.isfinite(update.train_loss):
+            raise ClientError(
+                f"{sender}: reports train_loss {update.train_loss}, not a finite number")
         if update.digest != self.digest:
             self.views.pop(client, None)  # resend everything next time
             raise ClientError(
@@ -92,25 +111,54 @@ class FedKSeedServer:
     # -- aggregation ----------------------------------------------------------------
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        total = sum(u.num_samples for u in updates)
-        for u in updates:
-            assert isinstance(u, protocol.SeedUpdate)
-            local = np.zeros_like(self.pool)
-            np.add.at(local, u.indices, u.values)
-            self.pool += (u.num_samples / total) * local
-            if self.pro:
-                clip = self.opts.history_clip
-                np.add.at(self.history_sum, u.indices, np.abs(np.clip(u.values, -clip, clip)))
-                np.add.at(self.history_count, u.indices, 1)
+        seeds = narrow(updates, protocol.SeedUpdate)
+        bounded = self.robust.bound(seeds)
+        total = sum(bounded.weights)
+        pool = self.pool.copy()
+        for u, values, weight in zip(seeds, bounded.values, bounded.weights, strict=True):
+            local = np.zeros_like(pool)
+            np.add.at(local, u.indices, values)
+            pool += (weight / total) * local
         start = time.perf_counter()
-        seeds = self.publish()
-        return {"replay_seeds": seeds, "replay_seconds": time.perf_counter() - start}
+        replayed = self.accept(round_, pool)
+        if replayed is not None and self.pro:
+            clip = self.opts.history_clip
+            for u, values in zip(seeds, bounded.values, strict=True):
+                np.add.at(self.history_sum, u.indices, np.abs(np.clip(values, -clip, clip)))
+                np.add.at(self.history_count, u.indices, 1)
+        refused = {"robust_refused": 1} if replayed is None else {}
+        return {"replay_seeds": replayed or 0, "replay_seconds": time.perf_counter() - start,
+                **bounded.stats, **refused}
+
+    def accept(self, round_: int, pool: np.ndarray) -> int | None:
+        """Make ``pool`` the pool and bring the model to it; return the seeds replayed,
+        or None, with pool and model as they were, when it cannot be published (not
+        finite, beyond the wire's range or exact replay's) or makes the model non-finite."""
+        previous = self.pool
+        self.pool = pool
+        try:
+            seeds = self.publish()
+        except (ValueError, OverflowError) as e:
+            self.pool = previous
+            logger.warning("round %d: the aggregated pool cannot be published (%s): refused, "
+                           "the model is unchanged", round_, e)
+            return None
+        if all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            return seeds
+        self.pool = previous
+        self.publish()  # replay is exact: the model is bit for bit the one before
+        logger.warning("round %d: the aggregated pool makes the model non-finite: refused, "
+                       "the model is unchanged", round_)
+        return None
 
     def publish(self) -> int:
         """Quantise the pool for the wire and bring the model to it by replay; return
-        the seeds replayed."""
-        self.published = quantize(self.pool, self.opts.pool_format())
-        seeds = self.replay.move_to(to_fixed(self.published))
+        the seeds replayed. Raises ValueError or OverflowError, changing nothing, for a
+        pool that cannot be sent or replayed exactly."""
+        published = quantize(self.pool, self.opts.pool_format())
+        fixed = to_fixed(published)
+        self.published = published
+        seeds = self.replay.move_to(fixed)
         self.replay.write(self.model, self.ctx.base_tensor, self.lr)
         self.digest = protocol.model_digest(self.model)
         return seeds
@@ -127,6 +175,7 @@ class FedKSeedServer:
             "history_sum": t(self.history_sum.copy()),
             "history_count": t(self.history_count.copy()),
             "views": {str(c): t(v.copy()) for c, v in self.views.items()},
+            "robust": self.robust.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -134,6 +183,7 @@ class FedKSeedServer:
         self.history_sum = state["history_sum"].numpy().copy()
         self.history_count = state["history_count"].numpy().copy()
         self.views = {int(c): v.numpy().copy() for c, v in state["views"].items()}
+        self.robust.load_state_dict(state.get("robust", {}))
         self.publish()
 
     def save_final(self, path: Path) -> None:

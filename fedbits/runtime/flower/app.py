@@ -25,10 +25,10 @@ from typing import Any
 import tomli_w
 
 from fedbits import __version__
-from fedbits.config import Config
+from fedbits.config import Config, faults_refusal
 from fedbits.errors import ConfigError, FedbitsError
 from fedbits.resolve import config_toml
-from fedbits.runtime.flower.protocol import CONFIG_KEY, OVERWRITE_KEY, RESUME_KEY
+from fedbits.runtime.flower.protocol import CONFIG_KEY, RESUME_KEY
 
 APP_NAME = "fedbits-app"  # also the directory name: Flower requires them to be valid names
 
@@ -38,16 +38,25 @@ _ADDRESS = re.compile(r"\[(?P<v6>[^\]]*)\]:(?P<v6port>\d+)|(?P<host>[^:\[\]]+):(
 
 
 def write_app(cfg: Config, directory: Path, *, resume: bool = False,
-              overwrite: bool = False, force: bool = False) -> Path:
+              force: bool = False) -> Path:
     """Write the Flower App for ``cfg`` into ``directory`` (named :data:`APP_NAME`).
 
     The shipped config says ``runtime.kind = "flower"`` whatever ``cfg`` said, so the
-    run directory records where it ran and ``fedbits run --resume`` accepts it.
-    ``overwrite`` is the run's ``--overwrite``; an app directory that already holds
-    files is refused unless ``force``, since ``flwr run`` bundles whatever is in it.
+    run directory records where it ran and ``fedbits run --resume`` accepts it. It also
+    says ``robust.server_weighting = "uniform"`` unless ``cfg`` set it: on real nodes a
+    sample count is a client's own claim, so by default every client weighs the same
+    (``robust.max_weight`` bounds a claim whenever samples do weigh).
+    ``resume`` is the run's ``--resume`` (there is no ``--overwrite``: the SuperLink
+    host never deletes a run directory because a run asks). An app directory that
+    already holds files is refused unless ``force``, since ``flwr run`` bundles
+    whatever is in it.
     """
+    if cfg.faults is not None:  # its own kind may say simulation: refused before shipping
+        raise ConfigError(faults_refusal("flower"))
     cfg = cfg.model_copy(deep=True)
     cfg.runtime.kind = "flower"
+    if "server_weighting" not in cfg.robust.model_fields_set:
+        cfg.robust.server_weighting = "uniform"
     if directory.name != APP_NAME:
         directory = directory / APP_NAME
     if directory.exists() and not directory.is_dir():
@@ -73,7 +82,7 @@ def write_app(cfg: Config, directory: Path, *, resume: bool = False,
                 "serverapp": "fedbits.runtime.flower.server_app:app",
                 "clientapp": "fedbits.runtime.flower.client_app:app",
             },
-            "config": {CONFIG_KEY: config_toml(cfg), RESUME_KEY: resume, OVERWRITE_KEY: overwrite},
+            "config": {CONFIG_KEY: config_toml(cfg), RESUME_KEY: resume},
         }}},
     }
     (directory / "pyproject.toml").write_text(tomli_w.dumps(pyproject))

@@ -1,13 +1,13 @@
 """``fedbits flower ...``: the commands that set up and drive a Flower deployment.
 
 A run itself is launched with ``fedbits run CONFIG`` and ``runtime.kind = "flower"``;
-these commands make the pieces it needs (certificates, SuperLink, SuperNodes, the
-connection entry ``flwr`` reads) and re-attach to a run. docs/flower.md walks
-through them in order.
+these commands make the pieces it needs (certificates, a node's key pair, SuperLink,
+SuperNodes, the connection entry ``flwr`` reads) and re-attach to a run.
+docs/flower.md walks through them in order.
 
 Bad numbers and addresses are refused while the command line is parsed, before
 anything starts; files that exist (certificates, keys, an app) are replaced only
-with ``--force``.
+with ``--force`` (``certs --renew`` replaces only the SuperLink's certificate).
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ import argparse
 import functools
 import ipaddress
 import logging
+import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedbits.errors import FedbitsError
+
+if TYPE_CHECKING:
+    from fedbits.runtime.flower.holder import NodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +41,24 @@ def _int_at_least(low: int, what: str, text: str) -> int:
 
 
 _non_negative = functools.partial(_int_at_least, 0, "a non-negative integer")
-_positive = functools.partial(_int_at_least, 1, "a positive integer")
+
+
+def _positive_number(text: str) -> float:
+    """An argparse ``type``: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def _pin(text: str) -> str:
+    """An argparse ``type``: one pin, a name on one line."""
+    if not text.strip() or any(ord(c) < 32 for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a name (one line, not empty)")
+    return text.strip()
 
 
 def _port(text: str) -> int:
@@ -66,25 +88,39 @@ def _is_loopback(host: str) -> bool:
 
 
 def _certs(args: argparse.Namespace) -> None:
-    from fedbits.runtime.flower.certs import (
-        CertPaths,
-        make_certificates,
-        make_node_key,
-        node_key_files,
-        refuse_to_replace,
-    )
+    from fedbits.runtime.flower.certs import make_certificates, renew_server_certificate
 
     out = Path(args.dir)
-    if not args.force:  # check every file first: a refusal must leave a complete old set
-        refuse_to_replace(CertPaths.in_dir(out).files() + [
-            f for i in range(args.nodes) for f in node_key_files(out / f"node-{i}")])
-    paths = make_certificates(out, args.host, force=args.force)
-    print(f"CA: {paths.ca_cert} (give it to every SuperNode and operator)")
-    print(f"SuperLink: {paths.server_cert}, {paths.server_key} (valid for {', '.join(args.host)})")
-    for i in range(args.nodes):
-        pub = make_node_key(out / f"node-{i}", force=args.force)
-        print(f"SuperNode {i}: private key {out / f'node-{i}'}, public key {pub} "
-              f"(register it: flwr supernode register {pub} <connection>)")
+    if args.renew:
+        paths = renew_server_certificate(out, args.host)
+        print(f"SuperLink: new {paths.server_cert}, {paths.server_key} from the CA "
+              f"{paths.ca_cert} (unchanged): restart the SuperLink (and its proxy) to use them")
+    else:
+        paths = make_certificates(out, args.host, force=args.force)
+        print(f"CA: {paths.ca_cert} (give it to every SuperNode and operator); its key "
+              f"{paths.ca_key} stays here")
+        print(f"SuperLink: {paths.server_cert}, {paths.server_key}")
+    print(f"the SuperLink certificate is valid for {', '.join(args.host)} until "
+          f"{_not_after(paths.server_cert)}; renew it with --renew before then")
+
+
+def _not_after(cert: Path) -> str:
+    """A certificate's last day, as the operator should note it."""
+    from cryptography import x509
+
+    return f"{x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc:%Y-%m-%d}"
+
+
+def _keygen(args: argparse.Namespace) -> None:
+    from fedbits.runtime.flower.certs import make_node_key
+
+    private = Path(args.key).expanduser()
+    public = make_node_key(private, force=args.force)
+    print(f"private key: {private} (mode 0600: it stays on this machine; start the SuperNode "
+          f"with --auth-key {private})")
+    print(f"public key: {public}; send it to the SuperLink's operator, who registers it with "
+          f"`flwr supernode register {public.name} <connection>`:")
+    print(public.read_text().strip())
 
 
 def _superlink(args: argparse.Namespace) -> None:
@@ -95,26 +131,120 @@ def _superlink(args: argparse.Namespace) -> None:
                        "Fleet API and has no user authentication: whoever reaches it can run "
                        "code on this machine and on every SuperNode (docs/flower.md, "
                        "\"Restricting the control port\")")
-    exec_superlink(Path(args.dir), args.host, args.port, Path(args.certs) if args.certs else None,
-                   args.insecure, args.enable_supernode_auth)
+    state = Path(args.dir)
+    runs = Path(args.runs_dir) if args.runs_dir else state / "runs"
+    exec_superlink(state, args.host, args.port, Path(args.certs) if args.certs else None,
+                   args.insecure, args.enable_supernode_auth, runs)
+
+
+def _data_spec(text: str) -> str:
+    """``--data``: a spec (``builtin:``, ``hf:``) as it is, a path made absolute (the
+    worker and the ClientApp may start elsewhere); a missing path is refused."""
+    if text.startswith(("builtin:", "hf:")):
+        return text
+    path = Path(text).expanduser().absolute()
+    if not path.exists():
+        raise FedbitsError(f"--data {text}: not found")
+    return str(path)
+
+
+def _node_settings(args: argparse.Namespace) -> NodeSettings:
+    """The node config these flags make, checked exactly as the worker will read it."""
+    from fedbits.runtime.flower import holder
+
+    own = args.client_id is not None
+    if own != (args.data is not None):
+        raise FedbitsError("--data (this data holder's own data) goes with --client-id N; "
+                           "--partition-id N is the shared-source demo, without --data")
+    number = args.client_id if own else args.partition_id
+    kind = "client" if own else "partition"
+    root = Path(args.dir) if args.dir else Path.home() / ".fedbits" / "flower-node" / \
+        f"{kind}-{number}"
+    config: dict[str, object] = {
+        holder.CLIENT_KEY if own else holder.PARTITION_KEY: number,
+        holder.DIR_KEY: str(root.expanduser().absolute()), holder.WORKER_KEY: not args.no_worker,
+    }
+    if own:
+        config[holder.DATA_KEY] = _data_spec(args.data)
+    if args.allow_model:
+        config[holder.ALLOW_MODEL_KEY] = "\n".join(args.allow_model)
+    if args.allow_method:
+        config[holder.ALLOW_METHOD_KEY] = "\n".join(args.allow_method)
+    if args.max_rounds is not None:
+        config[holder.MAX_ROUNDS_KEY] = args.max_rounds
+    if args.max_payload_mb is not None:
+        config[holder.MAX_PAYLOAD_KEY] = args.max_payload_mb
+    settings = holder.NodeSettings.from_node_config(config)
+    for pin in settings.pins.models:
+        if holder.is_local_path(pin.name) and not Path(pin.name).exists():
+            raise FedbitsError(f"--allow-model {pin.name}: not found on this node")
+    return settings
 
 
 def _supernode(args: argparse.Namespace) -> None:
+    from fedbits.data.examples import load_examples
     from fedbits.runtime.flower.processes import SuperNodeSupervisor
 
-    default = Path.home() / ".fedbits" / "flower-node" / f"partition-{args.partition_id}"
-    root = Path(args.dir) if args.dir else default
+    settings = _node_settings(args)
+    if settings.data is not None:  # refused now, not at the first run
+        examples = load_examples(settings.data)
+        logger.info("client %d: %d examples of its own in %s; it accepts models %s and "
+                    "methods %s", settings.client, len(examples), settings.data,
+                    ", ".join(map(str, settings.pins.models)), ", ".join(settings.pins.methods))
+    else:
+        logger.warning(
+            "--partition-id %d is the shared-source demo: this node loads the data.source "
+            "each run names (a path or spec the server chooses) and trains on partition %d "
+            "of it. A data holder starts with --data PATH --client-id N instead "
+            "(docs/flower.md)", settings.client, settings.client)
+        if not (settings.pins.models and settings.pins.methods):
+            logger.warning("without --allow-model and --allow-method this node accepts any "
+                           "model and any method a run names")
     supervisor = SuperNodeSupervisor(
-        superlink=args.superlink, partition=args.partition_id, root=root,
-        runtime_port=args.runtime_port,
+        superlink=args.superlink, settings=settings, runtime_port=args.runtime_port,
         root_certificates=Path(args.root_certificates) if args.root_certificates else None,
         insecure=args.insecure, auth_key=Path(args.auth_key) if args.auth_key else None,
-        worker=not args.no_worker,
     )
     status = supervisor.run()
     if status:
-        raise FedbitsError(f"the SuperNode for partition {args.partition_id} stopped "
-                           f"(status {status}); its log above says why")
+        raise FedbitsError(f"the SuperNode for {settings.who} stopped (status {status}); its "
+                           "log above says why")
+
+
+def _holders(args: argparse.Namespace) -> None:
+    from fedbits.runtime.flower.identity import HOLDERS_FILE, Holders, public_key_file_fingerprint
+
+    directory = Path(args.dir).expanduser()
+    if not directory.is_dir():
+        raise FedbitsError(f"{directory} is not a directory: give the SuperLink's --dir (or a "
+                           "run directory, for a run's own bindings)")
+    holders = Holders(directory / HOLDERS_FILE)
+    if args.bind:
+        client, public = args.bind
+        try:
+            number = _non_negative(client)
+        except argparse.ArgumentTypeError as e:
+            raise FedbitsError(f"--bind CLIENT: {e}") from None
+        old = holders.bind(number, public_key_file_fingerprint(Path(public)))
+        print(f"client {number} is bound to {public}" +
+              (f" (it was bound to {old.key})" if old else ""))
+    if args.release is not None:
+        old = holders.release(args.release)
+        print(f"client {args.release}: " + (f"released (it was bound to {old.key}); the next "
+                                             "node to claim it is bound" if old else "not bound"))
+    bindings = holders.read()
+    for client, b in sorted(bindings.items()):
+        seen = f"SuperNode {b.node}" if b.node else "not seen yet"
+        print(f"client {client}: key {b.key} ({seen}; bound since {b.since})")
+    if not bindings:
+        print(f"no data holder is bound in {holders.path}")
+
+
+def _model_pin(args: argparse.Namespace) -> None:
+    from fedbits.runtime.flower.holder import ModelPin, weights_sha256
+
+    pin = ModelPin.parse(args.path)
+    print(f"--allow-model {ModelPin(pin.name, weights_sha256(Path(pin.name)))}")
 
 
 def _connect(args: argparse.Namespace) -> None:
@@ -138,8 +268,7 @@ def _app(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.set)
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
-    app = write_app(cfg, Path(args.out), resume=args.resume, overwrite=args.overwrite,
-                    force=args.force)
+    app = write_app(cfg, Path(args.out), resume=args.resume, force=args.force)
     print(f"Flower App written to {app}: submit it with `flwr run {app} <connection> --stream`")
 
 
@@ -167,15 +296,25 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         g.add_argument("--root-certificates", metavar="CA", help="the SuperLink's CA certificate")
         g.add_argument("--insecure", action="store_true", help="no TLS (trusted networks only)")
 
-    p = fsub.add_parser("certs", help="make a CA, a SuperLink certificate and SuperNode key pairs")
+    p = fsub.add_parser("certs", help="make a CA and a SuperLink certificate, or renew the "
+                        "certificate")
     p.add_argument("dir")
     p.add_argument("--host", action="append", required=True,
                    help="IP or DNS name nodes and operators use for the SuperLink (repeatable)")
-    p.add_argument("--nodes", type=_positive, default=0,
-                   help="SuperNode authentication key pairs to make (default: none)")
-    p.add_argument("--force", action="store_true",
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--renew", action="store_true",
+                   help="keep the CA in DIR, issue a new SuperLink certificate and key from it")
+    g.add_argument("--force", action="store_true",
                    help="replace existing files (a new CA: every node and operator needs it)")
     p.set_defaults(func=_certs)
+
+    p = fsub.add_parser("keygen", help="make this SuperNode's authentication key pair (run it "
+                        "on the node)")
+    p.add_argument("key", help="private key file to write (mode 0600); the public key goes to "
+                   "KEY.pub")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing key pair (the new public key must be registered)")
+    p.set_defaults(func=_keygen)
 
     p = fsub.add_parser("superlink", help="start a SuperLink (replaces this process)")
     p.add_argument("--dir", default=str(Path.home() / ".fedbits" / "superlink"),
@@ -185,6 +324,8 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    "unauthenticated control API on the same address and port as the Fleet "
                    "API: expose the Fleet API through a proxy instead (docs/flower.md)")
     p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--runs-dir", help="where this host writes every run, whatever the "
+                   "submitted config's run.out_dir (default: DIR/runs)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--certs", help="directory from `fedbits flower certs`")
     g.add_argument("--insecure", action="store_true", help="no TLS (trusted networks only)")
@@ -192,12 +333,29 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="accept only SuperNodes whose public key was registered")
     p.set_defaults(func=_superlink)
 
-    p = fsub.add_parser("supernode", help="start a SuperNode and its worker for one data partition")
+    p = fsub.add_parser("supernode", help="start a SuperNode and its worker for one data holder")
     p.add_argument("--superlink", required=True, type=_address, metavar="HOST:PORT")
-    p.add_argument("--partition-id", type=_non_negative, required=True,
-                   help="the data partition this node trains on (0, 1, ...)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client-id", type=_non_negative,
+                     help="the client this data holder is in every run (0, 1, ...), with --data")
+    who.add_argument("--partition-id", type=_non_negative,
+                     help="the shared-source demo (tests, one machine): train on partition N "
+                     "of each run's data.source instead of data of this node's own")
+    p.add_argument("--data", metavar="PATH_OR_SPEC",
+                   help="this data holder's data: a .json/.jsonl file, a folder of them, a "
+                   "saved dataset, hf:NAME or builtin:tasks; never sent anywhere")
+    p.add_argument("--allow-model", action="append", default=[], type=_pin, metavar="MODEL",
+                   help="a model this node accepts: a name, a path, or PATH@sha256:HEX "
+                   "(`fedbits flower model-pin PATH`); repeatable, required with --data")
+    p.add_argument("--allow-method", action="append", default=[], type=_pin, metavar="METHOD",
+                   help="a method this node accepts; repeatable, required with --data")
+    p.add_argument("--max-rounds", type=functools.partial(_int_at_least, 1, "a positive integer"),
+                   help="refuse a run of more rounds")
+    p.add_argument("--max-payload-mb", type=_positive_number,
+                   help="open or send no payload larger than this here, whatever the run's "
+                   "runtime.max_payload_mb")
     p.add_argument("--dir", help="node state: client stores, worker socket "
-                   "(default ~/.fedbits/flower-node/partition-N)")
+                   "(default ~/.fedbits/flower-node/client-N or partition-N)")
     p.add_argument("--runtime-port", type=_port, default=9094,
                    help="local port of the SuperNode's ClientApp API (one per SuperNode on a host)")
     tls(p)
@@ -205,6 +363,23 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--no-worker", action="store_true",
                    help="no long-lived worker: each message reloads the model")
     p.set_defaults(func=_supernode)
+
+    p = fsub.add_parser("holders", help="list, bind or release the data holders' node keys "
+                        "(on the SuperLink host)")
+    p.add_argument("--dir", default=str(Path.home() / ".fedbits" / "superlink"),
+                   help="the SuperLink's --dir (bindings of every run, with "
+                   "--enable-supernode-auth), or a run directory (that run's own)")
+    p.add_argument("--bind", nargs=2, metavar=("CLIENT", "PUBLIC_KEY"),
+                   help="bind client CLIENT to the node key in PUBLIC_KEY (its .pub file), "
+                   "ahead of its first contact or to replace its key")
+    p.add_argument("--release", type=_non_negative, metavar="CLIENT",
+                   help="forget client CLIENT's key: the next node to claim it is bound")
+    p.set_defaults(func=_holders)
+
+    p = fsub.add_parser("model-pin", help="print the --allow-model pin of a local model "
+                        "(its path and the sha256 of its weights)")
+    p.add_argument("path", help="a model directory or GGUF file on this node")
+    p.set_defaults(func=_model_pin)
 
     p = fsub.add_parser("connect", help="add a SuperLink connection to $FLWR_HOME/config.toml")
     p.add_argument("name", help="letters, digits, '-' and '_'")
@@ -221,7 +396,6 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", required=True, help="directory to write the app into")
     p.add_argument("--resume", action="store_true", help="the run continues from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="the run replaces its run directory")
     p.add_argument("--force", action="store_true",
                    help="write into an existing app directory (replaces its pyproject.toml)")
     p.set_defaults(func=_app)

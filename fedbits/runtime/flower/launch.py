@@ -10,9 +10,12 @@ framing overhead is visible. Without a configured connection nothing starts
 (:func:`~fedbits.runtime.flower.app.resolve_connection`): ``flwr`` would otherwise
 start a local simulation SuperLink of its own.
 
-The ServerApp writes the run directory on the SuperLink's machine, at the absolute
-``run.out_dir`` resolved here; when that is another machine, copy the directory back
-(``rsync``) and ``flower.json`` is written by ``fedbits flower follow`` instead.
+The ServerApp writes the run directory on the SuperLink's machine, as ``run.name``
+under the runs directory that host chose (``fedbits flower superlink --runs-dir``);
+``run.out_dir`` only says where this machine looks for it afterwards. When it is not
+there (another machine), copy the directory back (``rsync``) and ``flower.json`` is
+written by ``fedbits flower follow`` instead. ``--overwrite`` is refused: a run
+submitted to a SuperLink never deletes a directory on its host.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedbits.config import Config
-from fedbits.errors import FedbitsError
+from fedbits.errors import ConfigError, FedbitsError
 from fedbits.runtime.flower.app import resolve_connection, write_app
 
 logger = logging.getLogger(__name__)
@@ -56,13 +60,25 @@ def _flwr(args: list[str]) -> dict[str, Any]:
 
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
+_RUN_DIR = re.compile(r"fedbits run directory: (\S.*)$")  # the ServerApp's line
 
 
-def _stream(argv: list[str]) -> tuple[int, int | None, list[str]]:
+@dataclass
+class Streamed:
+    """What a streaming ``flwr`` command said: its exit status, the run ID it announced
+    (``flwr run``), the run directory the ServerApp reported and its last lines."""
+
+    status: int
+    run_id: int | None
+    server_dir: str | None
+    tail: list[str]
+
+
+def _stream(argv: list[str]) -> Streamed:
     """Run a streaming ``flwr`` command, relaying each line of its output as an INFO
-    record (the ServerApp's progress is in it); return its exit status, the run ID it
-    announced (``flwr run``) and its last lines."""
+    record (the ServerApp's progress is in it)."""
     run_id: int | None = None
+    server_dir: str | None = None
     tail: list[str] = []
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
@@ -74,6 +90,8 @@ def _stream(argv: list[str]) -> tuple[int, int | None, list[str]]:
                     continue
                 if run_id is None and (m := _STARTED.search(line)):
                     run_id = int(m.group(1))
+                if server_dir is None and (m := _RUN_DIR.search(line)):
+                    server_dir = m.group(1)
                 tail = (tail + [line])[-20:]
                 logger.info(line)
         except KeyboardInterrupt:
@@ -84,31 +102,42 @@ def _stream(argv: list[str]) -> tuple[int, int | None, list[str]]:
                 "`fedbits flower follow RUN_ID --run-dir DIR` re-attaches, "
                 "`flwr stop RUN_ID` stops it"
             ) from None
-    return proc.returncode, run_id, tail
+    return Streamed(proc.returncode, run_id, server_dir, tail)
 
 
 def launch(cfg: Config, *, resume: bool, overwrite: bool) -> Path:
-    """Submit ``cfg`` to its SuperLink, stream the run's log, collect; return the run dir."""
+    """Submit ``cfg`` to its SuperLink, stream the run's log, collect; return the run dir.
+
+    ``overwrite`` is refused before anything starts: the SuperLink host keeps its run
+    directories, and only its operator removes one (docs/flower.md).
+    """
+    if overwrite:
+        raise ConfigError(
+            f"--overwrite does not apply to a run on Flower: the SuperLink host decides where "
+            f"runs go and never deletes one because a submitted run asks. To start "
+            f"run.name={cfg.run.name!r} again, have the SuperLink host's operator remove it "
+            f"there (`rm -r RUNS_DIR/{cfg.run.name}`, RUNS_DIR being `fedbits flower superlink "
+            "--runs-dir`, default ~/.fedbits/superlink/runs) and run without --overwrite, "
+            "or choose another run.name")
     superlink = resolve_connection(cfg.runtime.superlink)
     cfg = cfg.model_copy(deep=True)
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
     with tempfile.TemporaryDirectory() as tmp:
-        app = write_app(cfg, Path(tmp), resume=resume, overwrite=overwrite)
-        argv = [flower_tool("flwr"), "run", str(app), superlink, "--stream"]
-        status, run_id, tail = _stream(argv)
-    if status != 0 or run_id is None:
+        app = write_app(cfg, Path(tmp), resume=resume)
+        streamed = _stream([flower_tool("flwr"), "run", str(app), superlink, "--stream"])
+    if streamed.status != 0 or streamed.run_id is None:
         raise FedbitsError(f"`flwr run` could not start the run on SuperLink "
-                           f"{superlink!r}:\n" + "\n".join(tail))
-    return collect(run_id, cfg.run_dir, superlink)
+                           f"{superlink!r}:\n" + "\n".join(streamed.tail))
+    return collect(streamed.run_id, cfg.run_dir, superlink, streamed.server_dir)
 
 
 def follow(run_id: int, run_dir: Path, superlink: str | None) -> Path:
     """Stream a submitted run's log until it ends, then :func:`collect`."""
     superlink = resolve_connection(superlink)
-    status, _, tail = _stream([flower_tool("flwr"), "log", str(run_id), superlink, "--stream"])
-    if status != 0:
-        raise FedbitsError(f"`flwr log {run_id}` failed:\n" + "\n".join(tail))
-    return collect(run_id, run_dir, superlink)
+    streamed = _stream([flower_tool("flwr"), "log", str(run_id), superlink, "--stream"])
+    if streamed.status != 0:
+        raise FedbitsError(f"`flwr log {run_id}` failed:\n" + "\n".join(streamed.tail))
+    return collect(run_id, run_dir, superlink, streamed.server_dir)
 
 
 def payload_bytes(run_dir: Path) -> int:
@@ -117,11 +146,13 @@ def payload_bytes(run_dir: Path) -> int:
     return sum(json.loads(line)["bytes"] for line in path.read_text().splitlines() if line.strip())
 
 
-def collect(run_id: int, run_dir: Path, superlink: str | None) -> Path:
+def collect(run_id: int, run_dir: Path, superlink: str | None,
+            server_dir: str | None = None) -> Path:
     """Record the Flower run's status and traffic in ``flower.json``; fail if it failed.
 
     ``flower.json`` lists every Flower run the fedbits run took (a resumed run takes
     more than one) and compares their total traffic with the ledger's payload bytes.
+    ``server_dir`` is where the ServerApp said it wrote the run, if its log was seen.
     """
     conn = [superlink] if superlink else []
     runs = _flwr(["ls", *conn, "--run-id", str(run_id)])["runs"]
@@ -135,9 +166,10 @@ def collect(run_id: int, run_dir: Path, superlink: str | None) -> Path:
             f"its log: flwr log {run_id} {superlink or ''} --show".rstrip()
         )
     if not (run_dir / "ledger.jsonl").is_file():
-        logger.info(f"the ServerApp wrote {run_dir} on the SuperLink's machine: copy it here, "
-                    f"then `fedbits flower follow {run_id} --run-dir {run_dir}` records "
-                    "Flower's traffic")
+        where = server_dir or "its runs directory"
+        logger.info(f"the ServerApp wrote the run to {where} on the SuperLink's machine: copy "
+                    f"it to {run_dir}, then `fedbits flower follow {run_id} --run-dir "
+                    f"{run_dir}` records Flower's traffic")
         return run_dir
     path = run_dir / "flower.json"
     record = json.loads(path.read_text()) if path.is_file() else {}

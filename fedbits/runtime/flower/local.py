@@ -1,9 +1,10 @@
 """A Flower deployment on this machine, for tests, benchmarks and trying things out.
 
 Starts ``fedbits flower superlink`` / ``fedbits flower supernode`` processes on
-127.0.0.1, each logging to a file, and stops every one of them by PID together with
-everything it started (SuperNodes, node workers, SuperExec, ClientApps, ServerApps),
-found before it is stopped, so nothing outlives the deployment.
+127.0.0.1, each logging to a file (the SuperLink writes runs under ``tmp/runs``), and
+stops every one of them by PID together with everything it started (SuperNodes, node
+workers, SuperExec, ClientApps, ServerApps), found before it is stopped, so nothing
+outlives the deployment.
 """
 
 from __future__ import annotations
@@ -31,13 +32,18 @@ def free_port() -> int:
 
 
 class LocalProcesses:
-    """``fedbits flower`` processes started from ``tmp`` (logs, state and ``FLWR_HOME``)."""
+    """``fedbits flower`` processes started from ``tmp`` (logs, state and ``FLWR_HOME``).
+
+    Runs submitted to the SuperLink are written under :attr:`runs_dir` whatever their
+    ``run.out_dir``; a run given that ``run.out_dir`` is found there by ``fedbits run``.
+    """
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_HOME": str(tmp / "cli")}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.runs_dir = tmp / "runs"
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
@@ -50,9 +56,10 @@ class LocalProcesses:
         return proc, log
 
     def start_superlink(self, *args: str) -> tuple[subprocess.Popen, Path]:
-        """The SuperLink on :attr:`port`, state in ``tmp/superlink``; returns once it listens."""
+        """The SuperLink on :attr:`port`, state in ``tmp/superlink``, runs in
+        :attr:`runs_dir`; returns once it listens."""
         proc, log = self.start("superlink", "superlink", "--dir", str(self.tmp / "superlink"),
-                               "--port", str(self.port), *args)
+                               "--port", str(self.port), "--runs-dir", str(self.runs_dir), *args)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
@@ -68,11 +75,17 @@ class LocalProcesses:
     def start_supernode(
         self, partition: int, tag: str = "", *args: str
     ) -> tuple[subprocess.Popen, Path]:
-        """A SuperNode (and its worker) for data partition ``partition``."""
+        """A shared-source demo SuperNode (and its worker) for partition ``partition`` of
+        each run's ``data.source``."""
         name = f"node-{partition}{'-' + tag if tag else ''}"
+        return self.start_node(name, "--partition-id", str(partition), *args)
+
+    def start_node(self, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        """``fedbits flower supernode ARGS`` (e.g. a data holder's ``--client-id N --data
+        PATH`` and pins), its directory ``tmp/NAME``, its log ``tmp/NAME.log``."""
         return self.start(name, "supernode", "--superlink", self.address,
-                          "--partition-id", str(partition), "--dir", str(self.tmp / name),
-                          "--runtime-port", str(free_port()), *args)
+                          "--dir", str(self.tmp / name), "--runtime-port", str(free_port()),
+                          *args)
 
     def stop(self, procs: list[subprocess.Popen] | None = None) -> None:
         """Stop ``procs`` (default: all, the last started first) and their descendants."""

@@ -4,10 +4,13 @@
 in one directory (a SQLite database, so registered SuperNode keys survive a
 restart), runtime dependency installation off (it would otherwise ``uv sync`` the
 app and pull a CUDA build of torch), and either TLS from a certificate directory or
-an explicit ``--insecure``.
+an explicit ``--insecure``. It also fixes the runs directory: the ServerApps it
+starts inherit :data:`RUNS_DIR_ENV` and write every run there (:func:`runs_root`),
+whatever the submitted config says.
 
-``fedbits flower supernode`` supervises two processes for one data partition:
-``flower-supernode`` (its node config names the partition and the node directory)
+``fedbits flower supernode`` supervises two processes for one data holder:
+``flower-supernode`` (its node config, :class:`~.holder.NodeSettings`, says which client
+the holder is, where its data is, what it accepts and where the node directory is)
 and the node worker that keeps the model in memory between rounds. A worker that
 dies is restarted (the round it was serving is reported to the server as missing);
 if the SuperNode exits (e.g. refused by the SuperLink), the worker is stopped and
@@ -17,7 +20,6 @@ SuperNode started, by process group.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,13 +33,30 @@ from typing import NoReturn
 
 from fedbits.errors import FedbitsError
 from fedbits.runtime.flower.certs import CertPaths
+from fedbits.runtime.flower.holder import NodeSettings
+from fedbits.runtime.flower.identity import HOLDERS_ENV, HOLDERS_FILE
 from fedbits.runtime.flower.launch import flower_tool
-from fedbits.runtime.flower.protocol import DIR_KEY, PARTITION_KEY, WORKER_KEY
 
 logger = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0
 MAX_RESTARTS_PER_MINUTE = 5
+RUNS_DIR_ENV = "FEDBITS_RUNS_DIR"
+"""The SuperLink host's runs directory, handed to the ServerApps it starts."""
+
+
+def runs_root() -> Path:
+    """Where this SuperLink host writes runs: :data:`RUNS_DIR_ENV` (set by
+    ``fedbits flower superlink --runs-dir``), else ``~/.fedbits/superlink/runs`` (a
+    plain ``flower-superlink``). Either way the host decides, never a submitted run."""
+    value = os.environ.get(RUNS_DIR_ENV)
+    if not value:
+        return Path.home() / ".fedbits" / "superlink" / "runs"
+    path = Path(value)
+    if not path.is_absolute():
+        raise FedbitsError(f"{RUNS_DIR_ENV}={value!r} is not an absolute path: the SuperLink "
+                           "host's runs directory must not depend on where a ServerApp starts")
+    return path
 
 
 def quiet_progress_bars() -> None:
@@ -83,33 +102,36 @@ def superlink_command(state_dir: Path, host: str, port: int, certs: Path | None,
 
 
 def exec_superlink(state_dir: Path, host: str, port: int, certs: Path | None, insecure: bool,
-                   supernode_auth: bool) -> NoReturn:
-    """Replace this process with the SuperLink, so signals and the PID are its own."""
+                   supernode_auth: bool, runs_dir: Path) -> NoReturn:
+    """Replace this process with the SuperLink, so signals and the PID are its own; its
+    ServerApps write runs under ``runs_dir``. With SuperNode authentication they keep
+    the data holders' bindings to node keys in ``state_dir`` for every run
+    (:mod:`.identity`): registered keys are lasting identities."""
     argv = superlink_command(state_dir, host, port, certs, insecure, supernode_auth)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("fedbits: starting %s", " ".join(argv))
     program = shutil.which(argv[0])
     if program is None:
         raise FedbitsError(f"{argv[0]} not found: install Flower (pip install 'flwr==1.41.*')")
-    os.execve(program, argv, _flower_env(state_dir / "flwr-home"))
-
-
-def write_node_config(root: Path, partition: int, worker: bool) -> Path:
-    """The SuperNode's node config as a TOML file (a path may hold any character)."""
-    path = root / "node-config.toml"
-    path.write_text(
-        f"{PARTITION_KEY} = {partition}\n{DIR_KEY} = {json.dumps(str(root.resolve()))}\n"
-        f"{WORKER_KEY} = {'true' if worker else 'false'}\n"
-    )
-    return path
+    runs_dir = runs_dir.expanduser().resolve()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FedbitsError(f"cannot create the SuperLink's directories: {e}") from None
+    env = _flower_env(state_dir / "flwr-home")
+    env[RUNS_DIR_ENV] = str(runs_dir)
+    if supernode_auth:
+        env[HOLDERS_ENV] = str(state_dir.resolve() / HOLDERS_FILE)
+    logger.info("fedbits: runs are written under %s", runs_dir)
+    logger.info("fedbits: starting %s", " ".join(argv))
+    os.execve(program, argv, env)
 
 
 class SuperNodeSupervisor:
-    """Runs ``flower-supernode`` and the node worker for one partition; see the module doc."""
+    """Runs ``flower-supernode`` and the node worker for one data holder; see the module doc."""
 
-    def __init__(self, *, superlink: str, partition: int, root: Path, runtime_port: int,
-                 root_certificates: Path | None, insecure: bool, auth_key: Path | None,
-                 worker: bool) -> None:
+    def __init__(self, *, superlink: str, settings: NodeSettings, runtime_port: int,
+                 root_certificates: Path | None, insecure: bool,
+                 auth_key: Path | None) -> None:
         if insecure == (root_certificates is not None):
             raise FedbitsError("give the SuperLink's CA certificate (--root-certificates) or "
                                "--insecure, not both and not neither")
@@ -118,16 +140,15 @@ class SuperNodeSupervisor:
         for path in (root_certificates, auth_key):
             if path is not None and not path.is_file():
                 raise FedbitsError(f"{path} not found")
-        self.root = root
-        self.use_worker = worker
-        root.mkdir(parents=True, exist_ok=True)
-        self.env = _flower_env(root / "flwr-home")
+        self.root = settings.root
+        self.use_worker = settings.worker
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.env = _flower_env(self.root / "flwr-home")
         # the SuperNode's SuperExec looks for a new message to start a ClientApp for every
         # second by default; every round waits for that, so look twice as often (~1% CPU)
         self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
         self.argv = [flower_tool("flower-supernode"), "--superlink", superlink,
-                     "--port", str(runtime_port),
-                     "--node-config", str(write_node_config(root, partition, worker))]
+                     "--port", str(runtime_port), "--node-config", str(settings.write())]
         self.argv += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
         if auth_key is not None:
             self.argv += ["--auth-supernode-private-key", str(auth_key)]

@@ -11,7 +11,10 @@ between server and node.
 
 The socket lives in the node's fedbits directory (``worker.sock``) and every
 connection must prove it knows ``worker.key`` (mode 0600), through the HMAC
-handshake of :mod:`multiprocessing.connection`. A lock file keeps a second worker off
+handshake of :mod:`multiprocessing.connection`. The worker serves one connection at a
+time, so each connection gets :data:`HANDSHAKE_TIMEOUT_S` per read or write (kernel
+socket timeouts): a client that connects and stays silent is dropped, not waited on
+forever while the ClientApps queue behind it. A lock file keeps a second worker off
 the same directory. Each request is two frames, a JSON header and the payload bytes,
 and so is each reply; nothing is unpickled.
 """
@@ -23,15 +26,25 @@ import json
 import logging
 import os
 import secrets
+import socket
+import struct
 import sys
 import time
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import (
+    Client,
+    Connection,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
 from pathlib import Path
 from typing import Any
 
 from fedbits.errors import FedbitsError
 from fedbits.logs import configure
+from fedbits.runtime.flower.holder import NodeSettings
+from fedbits.runtime.flower.keyfiles import write_new
 from fedbits.runtime.flower.protocol import NodeReply, Request
 
 # run with `python -m`, this module is __main__: its logger is still one of fedbits' own
@@ -42,6 +55,9 @@ KEY = "worker.key"
 LOCK = "worker.lock"
 PID = "worker.pid"
 CONNECT_WAIT_S = 120.0  # a worker being (re)started imports torch before it listens again
+HANDSHAKE_TIMEOUT_S = 5.0
+"""How long the worker waits on a connection's next read or write (a local ClientApp
+answers in microseconds); past it the connection is dropped."""
 _MAX_SOCKET_PATH = 107  # sun_path on Linux, minus the terminating NUL
 
 
@@ -56,12 +72,10 @@ def _socket_path(root: Path) -> str:
 
 
 def _key(root: Path, create: bool) -> bytes:
-    """The shared secret; the worker makes it (0600) on first start."""
+    """The shared secret; the worker makes it (a new file, 0600) on first start."""
     path = root / KEY
     if create and not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(32))
+        write_new(path, secrets.token_bytes(32), private=True)
     return path.read_bytes()
 
 
@@ -77,15 +91,16 @@ def _recv(conn: Connection) -> tuple[dict[str, Any], bytes]:
 
 # -- the ClientApp's side ----------------------------------------------------------
 def call(root: Path, op: str, config_text: str, partition: int, request: Request) -> NodeReply:
-    """Ask this node's worker; a worker that dies mid-request yields an error reply.
+    """Ask this node's worker; a worker that dies mid-request yields an error reply
+    (for ``partition``, the node's; the worker answers from the node config it read).
 
     A missing or refusing socket is retried for :data:`CONNECT_WAIT_S` (the
     supervisor restarts a dead worker); a connection that breaks after it was made
     means the worker died while holding this request.
     """
     address = _socket_path(root)
-    header = {"op": op, "config": config_text, "partition": partition, "store": request.store,
-              "round": request.round, "client": request.client, "committed": request.committed}
+    header = {"op": op, "config": config_text, "store": request.store, "round": request.round,
+              "client": request.client, "committed": request.committed}
     deadline = time.monotonic() + CONNECT_WAIT_S
     while True:
         try:
@@ -120,9 +135,53 @@ def _died(address: str, e: BaseException, partition: int) -> NodeReply:
 
 
 # -- the worker ----------------------------------------------------------------------
+def _set_timeouts(conn: Connection, seconds: float) -> None:
+    """Make every blocking read and write on ``conn`` fail (``BlockingIOError``) after
+    ``seconds`` without progress: ``SO_RCVTIMEO``/``SO_SNDTIMEO`` on its socket, which
+    :class:`Connection`'s plain ``os.read``/``os.write`` calls respect."""
+    timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # the same socket, a new fd
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def accept(listener: Listener, key: bytes) -> Connection | None:
+    """The next connection, once it has passed the HMAC handshake of
+    :mod:`multiprocessing.connection` (what ``Listener(authkey=...)`` does, but with
+    :data:`HANDSHAKE_TIMEOUT_S` per step); ``None`` after dropping one that failed it,
+    stayed silent or went away."""
+    conn = listener.accept()  # a Listener without authkey: returns once a client connects
+    try:
+        _set_timeouts(conn, HANDSHAKE_TIMEOUT_S)
+        deliver_challenge(conn, key)
+        answer_challenge(conn, key)
+    except BlockingIOError:
+        logger.warning("dropped a connection that did not complete the handshake within "
+                       "%gs", HANDSHAKE_TIMEOUT_S)
+    except (AuthenticationError, AssertionError, EOFError, OSError) as e:
+        logger.warning("refused a connection: %s: %s", type(e).__name__, e)
+    else:
+        return conn
+    conn.close()
+    return None
+
+
+def _request(conn: Connection) -> tuple[str, str, Request]:
+    """The operation, config text and request an authenticated client sent."""
+    header, blob = _recv(conn)
+    try:
+        return (str(header["op"]), str(header["config"]),
+                Request(str(header["store"]), int(header["round"]), int(header["client"]),
+                        int(header["committed"]), blob))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"bad request header: {type(e).__name__}: {e}") from None
+
+
 def serve(root: Path) -> None:
-    """Listen on ``root``'s socket and answer requests, one at a time, until killed."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Listen on ``root``'s socket and answer requests, one at a time, until killed. The
+    data holder's settings (its data, its pins) are the node config in ``root``, read
+    once: what a request carries never changes them."""
+    settings = NodeSettings.load(root)
     lock = open(root / LOCK, "w")  # held (open) for the life of the process
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,7 +190,8 @@ def serve(root: Path) -> None:
     address = _socket_path(root)
     if os.path.exists(address):  # left behind by a worker that was killed
         os.unlink(address)
-    listener = Listener(address, family="AF_UNIX", authkey=_key(root, create=True))
+    key = _key(root, create=True)
+    listener = Listener(address, family="AF_UNIX")  # the handshake is accept()'s, with timeouts
     (root / PID).write_text(f"{os.getpid()}\n")
     logger.info("listening on %s", address)
 
@@ -139,24 +199,20 @@ def serve(root: Path) -> None:
     from fedbits.runtime.flower.processes import quiet_progress_bars
 
     quiet_progress_bars()
-    host = NodeHost(root)
+    host = NodeHost(settings)
     while True:
-        try:
-            conn = listener.accept()
-        except Exception as e:  # a failed handshake: someone without the key
-            logger.warning("refused a connection: %s: %s", type(e).__name__, e)
+        conn = accept(listener, key)
+        if conn is None:
             continue
         with conn:
             try:
-                header, blob = _recv(conn)
+                op, config_text, request = _request(conn)
             except (EOFError, OSError, ValueError) as e:
                 logger.warning("dropped a malformed request: %s", type(e).__name__)
                 continue
-            request = Request(header["store"], header["round"], header["client"],
-                              header["committed"], blob)
-            reply = host.handle(header["op"], header["config"], header["partition"], request)
+            reply = host.handle(op, config_text, request)
             if reply.error:
-                logger.info("%s failed: %s", header["op"], reply.error)
+                logger.info("%s failed: %s", op, reply.error)
             try:
                 _send(conn, {"has_blob": reply.blob is not None, "error": reply.error,
                              "stats": reply.stats, "info": reply.info,
