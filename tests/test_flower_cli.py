@@ -218,18 +218,6 @@ def test_connect_keeps_flowers_own_default(
     (["--partition-id", "x"], "argument --partition-id: 'x' is not a non-negative integer"),
     (["--partition-id", "0", "--runtime-port", "0"], "argument --runtime-port: '0'"),
     (["--partition-id", "0", "--runtime-port", "70000"], "argument --runtime-port: '70000'"),
-])
-def test_supernode_refuses_bad_numbers_before_starting(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_new_processes: None,
-        argv: list[str], culprit: str) -> None:
-    """``--partition-id -3`` used to start a SuperNode that failed at its first round."""
-    err = _usage_error(capsys, ["flower", "supernode", "--superlink", "127.0.0.1:1",
-                                "--insecure", "--dir", str(tmp_path / "node"), *argv])
-    assert culprit in err
-    assert not (tmp_path / "node").exists()
-
-
-@pytest.mark.parametrize("argv, culprit", [
     (["--client-id", "0", "--partition-id", "0"], "not allowed with argument"),
     (["--client-id", "0", "--allow-model", ""], "argument --allow-model: '' is not a name"),
     (["--client-id", "0", "--allow-method", "fedit\nfedkseed"],
@@ -238,9 +226,11 @@ def test_supernode_refuses_bad_numbers_before_starting(
     (["--client-id", "0", "--max-payload-mb", "nan"],
      "argument --max-payload-mb: 'nan' is not a positive number"),
 ])
-def test_supernode_refuses_bad_pins_while_parsing(
+def test_supernode_refuses_bad_numbers_before_starting(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], no_new_processes: None,
         argv: list[str], culprit: str) -> None:
+    """Bad numbers and pins are refused while parsing: ``--partition-id -3`` used to
+    start a SuperNode that failed at its first round."""
     err = _usage_error(capsys, ["flower", "supernode", "--superlink", "127.0.0.1:1",
                                 "--insecure", "--dir", str(tmp_path / "node"), *argv])
     assert culprit in err
