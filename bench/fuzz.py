@@ -111,6 +111,10 @@ VARIANTS: dict[str, list[list[str]]] = {
     "fedkseed-pro": [["wire=reference"]],
     "fedcybgd": [["download=fraction"]],
     "partial": [["uplink=[]", "wire_dtype=bfloat16"]],
+    # round 2 is FAF by default (the encoder comes down, the latent goes up); audited,
+    # the dense update follows the claims; TGAP, both ways dense
+    "cgfedllm": [["audit_fraction=1", "latent_format=int8", "uplink=['zstd']"],
+                 ["tgap_fraction=0.9"]],
 }
 """Method options beyond the defaults that change how bodies are read (other entry
 layouts and scalar types, another download, plain bfloat16 values), fuzzed as well."""
@@ -130,6 +134,7 @@ CHAIN_CASES: list[tuple[list[str], str]] = [
     (["int4"], "normal"),
     (["int8"], "normal"),
     (["bf16", "zstd"], "sparse"),
+    (["autoencoder:ratio=1/16,chunk=512,latent=int8", "zstd"], "normal"),  # CG-FedLLM's
 ]
 """The chains docs/compress.md shows, and one per index coding; every registered stage
 alone is added (:func:`chain_cases`)."""

@@ -367,6 +367,87 @@ class RobustSection(_Section):
                 "least 5 clients a round, set robust.krum_m below the cohort, or use 'median'")
 
 
+class PrivacySection(_Section):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018; docs/privacy.md):
+    each client's whole update is clipped to ``clip_norm`` and Gaussian noise of standard
+    deviation ``noise_multiplier`` × ``clip_norm`` is added once to the round's sum, so
+    one client's presence moves what the server releases by a bounded, noised amount.
+    Both numbers are required: a privacy setting is a choice, never a default."""
+
+    clip_norm: float | Literal["off"] = Field(
+        description="each client's update, all its tensors together, is scaled down to this "
+        "L2 norm (the sensitivity of the round's sum); 'off' leaves updates as they are and "
+        "then allows no noise")
+    noise_multiplier: float = Field(
+        ge=0, strict=True, allow_inf_nan=False, description="z: the noise added to the "
+        "round's sum has standard deviation z × clip_norm per value (z × clip_norm / clients "
+        "per round on the mean); 0 adds none and gives no guarantee")
+    delta: float = Field(
+        1e-5, gt=0, lt=1, strict=True, allow_inf_nan=False, description="the δ of the "
+        "(ε, δ) reported each round; below 1 / data.num_clients")
+    noise_seed: Literal["run", "secret"] = Field(
+        "secret", description="where the noise comes from: 'secret' (the default: noise "
+        "anyone can regenerate hides nothing) from 63 bits the server draws from the "
+        "operating system and keeps in its checkpoint only (a resumed run is bit-identical, "
+        "a fresh one is not); 'run' derives it from run.seed and the round (one seed "
+        "reproduces the run bit for bit, for research: whoever knows or searches run.seed "
+        "can subtract the noise)")
+    accountant: Literal["rdp"] = Field(
+        "rdp", description="how ε is computed: opacus' Rényi-DP accountant for the "
+        "Poisson-subsampled Gaussian mechanism")
+
+    @field_validator("clip_norm", mode="before")
+    @classmethod
+    def _off_or_positive(cls, value: Any) -> Any:
+        if value == "off" or _positive_number(value):
+            return value
+        raise ValueError(f"must be 'off' or a positive number, got {value!r}")
+
+    @model_validator(mode="after")
+    def _noise_needs_clipping(self) -> PrivacySection:
+        if self.noise_multiplier > 0 and self.clip_norm == "off":
+            raise ValueError(
+                f"noise_multiplier={self.noise_multiplier:g} with clip_norm = 'off': an "
+                "unclipped update has no bound on its size, so no noise hides one client; "
+                "set clip_norm to a number (e.g. 1.0)")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the server clips (and may noise): with ``clip_norm = "off"`` (and so no
+        noise) the section changes nothing, and the run is the plain one bit for bit."""
+        return self.clip_norm != "off"
+
+    def check_run(self, robust: RobustSection, num_clients: int) -> None:
+        """Check the rest of the run against the guarantee, and set the ``[robust]`` keys
+        it needs where the file leaves them unset. The analysis bounds one client's
+        effect on the round's sum by ``clip_norm``: every client must weigh the same (a
+        claimed sample count would scale its update past the bound) and combine by the
+        mean (an order statistic's sensitivity is another analysis); ``robust.norm_bound``
+        'auto' clips to a median of other clients' norms, so one client would change how
+        the others are clipped, and ``clip_norm`` bounds every update already."""
+        if self.delta >= 1 / num_clients:
+            raise ValueError(
+                f"privacy.delta={self.delta:g} is not below 1 / data.num_clients = "
+                f"{1 / num_clients:.3g}: a mechanism that publishes one client's data "
+                "outright meets such a δ; lower it (1e-5, or below 1 / clients)")
+        if not self.active:
+            return
+        if robust.aggregator != "mean":
+            raise ValueError(
+                f"robust.aggregator = {robust.aggregator!r} with [privacy]: the noise is "
+                "calibrated to the mean of clipped updates; use robust.aggregator = 'mean'")
+        wanted = {"server_weighting": "uniform", "norm_bound": "off"}
+        for key, value in wanted.items():
+            if key not in robust.model_fields_set:
+                setattr(robust, key, value)
+            elif getattr(robust, key) != value:
+                raise ValueError(
+                    f"robust.{key} = {getattr(robust, key)!r} with [privacy]: the guarantee "
+                    f"needs robust.{key} = {value!r} (privacy.clip_norm bounds each update, "
+                    "every client weighs the same); set it so, or leave it unset")
+
+
 def _positive_number(value: Any) -> bool:
     """A finite number above zero (a bool is not a number here)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -384,6 +465,8 @@ class Config(_Section):
     robust: RobustSection = Field(default_factory=RobustSection)
     # None when the file has no [faults]: config.toml then stays as it was without it
     faults: FaultsSection | None = None
+    # None when the file has no [privacy]: likewise
+    privacy: PrivacySection | None = None
 
     @model_validator(mode="after")
     def _faults_simulated(self) -> Config:
@@ -402,6 +485,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _robust_fits_cohort(self) -> Config:
         self.robust.check_cohort(self.clients_per_round())
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> Config:
+        if self.privacy is not None:
+            self.privacy.check_run(self.robust, self.data.num_clients)
         return self
 
     @property

@@ -45,6 +45,10 @@ def validate_references(cfg: Config, origin: str = "config") -> None:
         options = spec.options.model_validate(cfg.method.options())
     except ValidationError as e:
         raise ConfigError(_describe_method(e, origin, spec.options)) from None
+    refusal = options.privacy_refused()
+    if cfg.privacy is not None and refusal is not None:
+        raise ConfigError(f"{origin}: [privacy] is not supported by method.name = "
+                          f"{cfg.method.name!r}: {refusal}")
     try:
         options.check_config(cfg)
     except ConfigError as e:

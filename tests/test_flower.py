@@ -21,7 +21,12 @@ config and seed, which runs in a thread meanwhile:
   refuses the run (its reason in the server's metrics and its own log), a third node
   claiming the first one's client with another key is refused and the run goes on,
   and the ServerApp process never opens a holder's data file (an audit hook in every
-  ServerApp process, ``tests/serverapp_audit/sitecustomize.py``).
+  ServerApp process, ``tests/serverapp_audit/sitecustomize.py``);
+- a node started with the operator's trusted entities runs no code of someone
+  else's app (the nodes without them do) and no fedbits app signed with another key,
+  and those runs go on without it; the operator's signed run trains on it;
+- the SuperLink's ports (Control API included) are not reachable on this machine's
+  non-loopback addresses.
 
 The SuperNodes of the first tests are the shared-source demo (``--partition-id``:
 each loads the run's ``data.source`` and keeps its partition, as the simulator
@@ -36,12 +41,14 @@ readers, and a node's client store must settle rounds as the checkpoints say.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -52,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -70,6 +78,7 @@ from fedbits.runtime.flower.launch import flower_tool
 from fedbits.runtime.flower.local import START_TIMEOUT_S, LocalProcesses, free_port
 from fedbits.runtime.flower.node import settle
 from fedbits.runtime.flower.protocol import CONFIG_KEY
+from fedbits.runtime.flower.signing import SIGNING_KEY_ENV, make_signing_key
 from fedbits.runtime.store import ClientStores
 
 from conftest import PLUGINS, REPO, TINY
@@ -435,17 +444,33 @@ def _examples(path: Path, n: int) -> Path:
     return path
 
 
+class _Watch(logging.Handler):
+    """Sets :attr:`seen` once a record's message contains ``text``: a test waits on it for
+    a line of the streamed run log (relayed by :mod:`fedbits.runtime.flower.launch`)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.INFO)
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
 @pytest.mark.e2e
-@pytest.mark.skip(reason="flaky on a clean CI clone: the hijacking node's first "
-                  "contact can land after the run's log is read; the refusal itself is tested "
-                  "in-process in tests/test_flower_holders.py (to be fixed next)")
 def test_data_holders_own_their_data_and_their_client(federation, caplog):
     """Three nodes started with data of their own and pins, next to the demo nodes 0 and
     1: client 2 trains on its 7 examples; client 3 pins another method and refuses the
     run, its reason in the server's metrics and its own log; a node claiming client 2
     with another key (the operator bound client 2 to its holder's key ahead of contact)
     is refused, never trained, and the run goes on; the ServerApp opened its own
-    evaluation set and none of the holders' files."""
+    evaluation set and none of the holders' files.
+
+    The clinic (client 2's holder) starts only once the ServerApp has logged the
+    intruder's refusal: until then the round waits for client 2, so the refusal is in
+    the run's log whatever the order the nodes' first replies arrive in (a run that had
+    every client mapped could end before the intruder's first reply was read)."""
     fed = federation
     holders = fed.tmp / "holders"
     data = {name: _examples(holders / f"{name}.jsonl", n)
@@ -460,9 +485,6 @@ def test_data_holders_own_their_data_and_their_client(federation, caplog):
     secure = ("--root-certificates", str(fed.tls / "ca.crt"))
     pins = ("--allow-model", "tiny-llama", "--max-rounds", "3")
     started = {
-        "clinic": fed.start_node("holder-clinic", "--client-id", "2", "--data",
-                                 str(data["clinic"]), *pins, "--allow-method", "fedit", *secure,
-                                 "--auth-key", str(keys["clinic"])),
         "lab": fed.start_node("holder-lab", "--client-id", "3", "--data", str(data["lab"]),
                               *pins, "--allow-method", "fedkseed", *secure,
                               "--auth-key", str(keys["lab"])),
@@ -470,12 +492,24 @@ def test_data_holders_own_their_data_and_their_client(federation, caplog):
                                    str(data["intruder"]), *pins, "--allow-method", "fedit",
                                    *secure, "--auth-key", str(keys["intruder"])),
     }
+    refused = _Watch(f"SuperNode {ids['intruder']} (key ")
+    relay = logging.getLogger("fedbits.runtime.flower.launch")
+    relay.addHandler(refused)
     try:
-        fed.wait_online(list(ids.values()))  # the intruder is online before the run asks
-        run_dir = _run(TINY, fed.overrides("holders") + [
-            "data.num_clients=4", "clients.per_round=4", "run.rounds=1",
-            f"data.eval_source={evaluation}"])
+        fed.wait_online([ids["lab"], ids["intruder"]])  # both are asked when the run starts
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(_run, TINY, fed.overrides("holders") + [
+                "data.num_clients=4", "clients.per_round=4", "run.rounds=1",
+                f"data.eval_source={evaluation}", f"runtime.node_wait_s={START_TIMEOUT_S:g}"])
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not refused.seen.wait(0.5):
+                assert not running.done() and time.monotonic() < deadline, caplog.text[-3000:]
+            started["clinic"] = fed.start_node(
+                "holder-clinic", "--client-id", "2", "--data", str(data["clinic"]), *pins,
+                "--allow-method", "fedit", *secure, "--auth-key", str(keys["clinic"]))
+            run_dir = running.result()
     finally:
+        relay.removeHandler(refused)
         fed.stop([proc for proc, _ in started.values()])
 
     r1 = _rows(run_dir / "metrics.jsonl")[1]
@@ -499,3 +533,130 @@ def test_data_holders_own_their_data_and_their_client(federation, caplog):
     opened = fed.opens.read_text()
     assert f" {evaluation}\n" in opened
     assert str(holders) not in opened, opened
+
+
+FOREIGN_APPS = '''\
+"""Someone else's app: its ClientApp leaves a file on every node that runs it."""
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+MARKS = Path({marks!r})
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    messages = [Message(RecordDict({{"q": ConfigRecord({{"x": 1}})}}), dst_node_id=node,
+                        message_type="query") for node in grid.get_node_ids()]
+    for reply in grid.send_and_receive(messages, timeout=120):
+        outcome = reply.error.reason if reply.has_error() else "ran"
+        print(f"foreign app: node {{reply.metadata.src_node_id}}: {{outcome}}", flush=True)
+
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    MARKS.mkdir(parents=True, exist_ok=True)
+    (MARKS / str(context.node_id)).write_text("ran here")
+    return Message(RecordDict(), reply_to=msg)
+'''
+
+
+def _foreign_app(root: Path, marks: Path) -> Path:
+    """A Flower App of someone else's, with code of its own (not fedbits')."""
+    (root / "foreign" / "foreign").mkdir(parents=True)
+    (root / "foreign" / "foreign" / "__init__.py").write_text("")
+    (root / "foreign" / "foreign" / "apps.py").write_text(FOREIGN_APPS.format(marks=str(marks)))
+    (root / "foreign" / "pyproject.toml").write_text('''\
+[build-system]
+requires = ["setuptools>=77"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "foreign"
+version = "1.0.0"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "someone-else"
+
+[tool.flwr.app.components]
+serverapp = "foreign.apps:server"
+clientapp = "foreign.apps:client"
+''')
+    return root / "foreign"
+
+
+@pytest.mark.e2e
+def test_a_node_runs_only_apps_its_operator_signed(federation, caplog, monkeypatch):
+    """A SuperNode started with the operator's trusted entities, next to the demo nodes 0
+    and 1 (which check nothing): someone else's app, submitted through the Control API,
+    runs its code on nodes 0 and 1 (it leaves a file there) and not on this one, which
+    answers with the reason; a fedbits app signed with another key is refused the same
+    way, its run going on without the node; the operator's signed run trains on it."""
+    fed = federation
+    # client 2's holder binding outlives runs (other tests bound it to their keys): the
+    # host's operator releases it, here and afterwards, so this node's key can take it
+    release = ["flower", "holders", "--dir", str(fed.tmp / "superlink"), "--release", "2"]
+    assert fedbits_main(release) == 0
+    operator, stranger = fed.tmp / "signing" / "operator", fed.tmp / "signing" / "stranger"
+    _, trusted = make_signing_key(operator)
+    make_signing_key(stranger)
+    node_key = fed.tmp / "keys" / "signed-node"
+    [node_id] = fed.register([make_node_key(node_key)])
+    proc, log = fed.start_supernode(2, "signed", "--root-certificates", str(fed.tls / "ca.crt"),
+                                    "--auth-key", str(node_key), "--trusted-entities", str(trusted))
+    three = ["data.num_clients=3", "clients.per_round=3", "run.rounds=1"]
+    marks = fed.tmp / "foreign-marks"
+    try:
+        fed.wait_online([node_id])
+        foreign = subprocess.run(
+            [flower_tool("flwr"), "run", str(_foreign_app(fed.tmp, marks)), CONNECTION,
+             "--stream"], env=fed.env, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+        monkeypatch.setenv(SIGNING_KEY_ENV, str(stranger))
+        other = _run(TINY, fed.overrides("signed-by-another") + three + ["runtime.node_wait_s=30"])
+        monkeypatch.setenv(SIGNING_KEY_ENV, str(operator))
+        signed = _run(TINY, fed.overrides("signed") + three)
+    finally:
+        fed.stop([proc])
+        fedbits_main(release)
+
+    node_log = log.read_text()
+    out = foreign.stdout + foreign.stderr
+    assert foreign.returncode == 0, out[-3000:]
+    ran = {int(p.name) for p in marks.iterdir()}
+    assert ran and node_id not in ran, out[-3000:]  # nodes 0 and 1 ran its code; this one not
+    assert f"foreign app: node {node_id}: " in out and "carries no fedbits-signature" in out
+    assert "refused: this node runs only apps signed by a key in its --trusted-entities" \
+        in node_log
+
+    r1 = _rows(other / "metrics.jsonl")[1]
+    assert r1["clients"] == [0, 1, 2] and list(r1["rejected"]) == ["2"], caplog.text[-3000:]
+    assert r1["train_loss"] is not None  # clients 0 and 1 trained: the run went on
+    assert f"SuperNode {node_id} cannot serve this run: " in caplog.text
+    assert "which is not in this node's --trusted-entities" in caplog.text
+
+    r1 = _rows(signed / "metrics.jsonl")[1]
+    assert r1["clients"] == [0, 1, 2] and not r1["rejected"], caplog.text[-3000:]
+    assert r1["flower"]["2"]["node_id"] == node_id
+    assert "signed by fedbits-" in node_log
+
+
+@pytest.mark.e2e
+def test_the_control_api_is_on_loopback_only(federation):
+    """``fedbits flower superlink`` listens on 127.0.0.1 by default, so the Control API
+    (submit apps, register node keys) is not reachable on this machine's other
+    addresses (``tests/test_flower_cli.py`` checks that another ``--host`` is refused)."""
+    argv = psutil.Process(federation.procs[0].pid).cmdline()  # the SuperLink itself (exec)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1", argv
+    others = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback}
+    if not others:
+        pytest.skip("this machine has no non-loopback IPv4 address to try")
+    for address in others:
+        with socket.socket() as s:
+            s.settimeout(5)
+            assert s.connect_ex((address, federation.port)) != 0, address

@@ -152,11 +152,13 @@ def test_an_overwrite_on_flower_is_refused_before_anything_starts(
 
 def test_the_app_carries_no_overwrite_flag(tmp_path: Path) -> None:
     """A submitted app cannot ask the SuperLink host to delete anything: its run config
-    holds the fedbits config and the resume flag only, and ``--overwrite`` is gone."""
+    holds the fedbits config, the resume flag and an empty slot for the operator's
+    signature (an override) only, and ``--overwrite`` is gone."""
     assert main(["flower", "app", str(TINY), "--out", str(tmp_path), "--resume"]) == 0
     pyproject = tomllib.loads((tmp_path / "fedbits-app" / "pyproject.toml").read_text())
     config = pyproject["tool"]["flwr"]["app"]["config"]
-    assert set(config) == {"fedbits-config", "fedbits-resume"} and config["fedbits-resume"]
+    assert set(config) == {"fedbits-config", "fedbits-resume", "fedbits-signature"}
+    assert config["fedbits-resume"] and config["fedbits-signature"] == ""
     with pytest.raises(SystemExit) as exit_:
         main(["flower", "app", str(TINY), "--out", str(tmp_path / "b"), "--overwrite"])
     assert exit_.value.code == 2

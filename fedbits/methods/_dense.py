@@ -48,6 +48,7 @@ from fedbits.methods.base import (
     MethodContext,
     MethodOptions,
 )
+from fedbits.privacy import ClientLevelDP
 from fedbits.robust import RobustAggregator
 from fedbits.server_opt import (
     ServerOptName,
@@ -182,6 +183,7 @@ class DenseServer(_DenseHalf):
         self.optimizer = make_server_optimizer(list(self.params.values()), ctx.options)
         self.round_sum = RoundSum(self.params)  # the mean's changes, folded as they arrive
         self.robust = RobustAggregator(ctx.robust, ctx.device)
+        self.privacy = ClientLevelDP.of(ctx.privacy, ctx.seed, ctx.device)
         # (round, body, clients served): every client of a round gets the same object,
         # encoded (and sealed by the runtime) once; dropped once the whole cohort has it,
         # so the server does not hold a copy of the weights beside the sealed payload
@@ -201,11 +203,14 @@ class DenseServer(_DenseHalf):
         return body
 
     def decode_uplink(self, round_: int, client: int, body: Body) -> DeltaUpdate:
-        """The client's change, checked and bounded (``[robust]``), then folded into the
-        round's sum at once, or held for an order-statistic aggregator; the update
-        returned carries its weight and loss, not the change."""
+        """The client's change, checked and bounded (``[robust]``, then clipped by
+        ``[privacy]``), then folded into the round's sum at once, or held for an
+        order-statistic aggregator; the update returned carries its weight and loss, not
+        the change."""
         update = self.read_change(round_, client, body)
         self.robust.admit(round_, update)
+        if self.privacy is not None:
+            self.privacy.clip(round_, update.delta)
         if self.robust.streams:
             self.round_sum.add(round_, update)
         else:
@@ -226,12 +231,17 @@ class DenseServer(_DenseHalf):
 
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
-        """One server step on the round's combined change, unless a defence refused it."""
+        """One server step on the round's combined change (noised by ``[privacy]``),
+        unless a defence refused it."""
         deltas = narrow(updates, DeltaUpdate)
         if self.robust.streams:
             outcome = self.robust.streamed(round_, deltas, self.round_sum.means(round_, deltas))
         else:
             outcome = self.robust.combine(round_, self.robust.held_for(deltas), self.params)
+        if outcome.changes and self.privacy is not None:  # every client sends every tensor
+            outcome.stats.update(self.privacy.release_(
+                round_, outcome.changes, dict.fromkeys(self.params, len(deltas)),
+                dict.fromkeys(self.params, self.ctx.cohort), self.params))
         if outcome.changes:
             apply_pseudo_gradient(self.optimizer, list(self.params.values()),
                                   [outcome.changes[name] for name in self.params])
@@ -243,11 +253,14 @@ class DenseServer(_DenseHalf):
 
     def state_dict(self) -> dict[str, Any]:
         return {**optimizer_checkpoint(self.params, self.optimizer),
-                "robust": self.robust.state_dict()}
+                "robust": self.robust.state_dict(),
+                **({"privacy": self.privacy.state_dict()} if self.privacy is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_checkpoint(self.params, self.optimizer, state)
         self.robust.load_state_dict(state.get("robust", {}))
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
     def save_final(self, path: Path) -> None:
         save_pretrained(self.model, path)

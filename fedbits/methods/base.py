@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedbits.config import ClientsSection, Config, RobustSection
+from fedbits.config import ClientsSection, Config, PrivacySection, RobustSection
 from fedbits.errors import ConfigError
 from fedbits.methods.injected import Injected
 from fedbits.wire import Body
@@ -32,6 +32,18 @@ class MethodOptions(BaseModel):
     """Base for a method's options: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+    privacy_refusal: ClassVar[str | None] = (
+        "its server does not clip client updates and noise their mean (fedbits.privacy)")
+    """Why the method refuses a ``[privacy]`` section, or None where its server applies
+    it; read by :meth:`privacy_refused` when the config loads."""
+
+    @classmethod
+    def privacy_refused(cls) -> str | None:
+        """:attr:`privacy_refusal` as this options class itself declares it, never as it
+        inherits it: a method built on another's options may do more with the clients'
+        updates than that method's server (train on them, publish them), so it accepts
+        ``[privacy]`` only where it says so."""
+        return cls.__dict__.get("privacy_refusal", MethodOptions.privacy_refusal)
 
     def check_config(self, cfg: Config) -> None:
         """Refuse a combination of these options with the rest of ``cfg`` that cannot
@@ -76,6 +88,11 @@ class MethodContext:
     device: torch.device  # model.device resolved: where the halves compute
     # [robust]: how a server bounds what clients send (fedbits.robust); defended by default
     robust: RobustSection = field(default_factory=RobustSection)
+    # run.rounds as this process started (a resume may raise it): for methods whose
+    # schedule is a fraction of the run, such as cgfedllm's TGAP phase
+    rounds: int = 0
+    # [privacy]: client-level DP on the aggregate (fedbits.privacy); None: no section
+    privacy: PrivacySection | None = None
 
 
 @dataclass

@@ -6,6 +6,8 @@ its change comes up, every round.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from fedbits.config import Config
@@ -15,6 +17,8 @@ from fedbits.methods.registry import register
 
 
 class FedAvgOptions(DenseOptions):
+    privacy_refusal: ClassVar[str | None] = None  # DenseServer clips and noises
+
     def check_config(self, cfg: Config) -> None:
         refuse_float16_adamw(cfg, "every weight of the model")
 

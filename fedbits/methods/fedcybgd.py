@@ -44,7 +44,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -100,6 +100,10 @@ def block_key(block: int) -> str:
 
 
 class FedCyBGDOptions(MethodOptions):
+    privacy_refusal: ClassVar[str | None] = (
+        "a block takes the change of the one client that trained it (or the pair's, with "
+        "method.agg), so the server releases a single client's update, not a mean over a "
+        "sampled cohort whose noise the accountant covers")
     order: Order = Field("ascending", description="order in which a cycle visits the blocks")
     agg: bool = Field(False, description="two clients per block, their changes averaged")
     download: Literal["changed", "fraction"] = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -21,6 +22,7 @@ from fedbits.methods.registry import register
 
 
 class FedITOptions(DenseOptions):
+    privacy_refusal: ClassVar[str | None] = None  # DenseServer clips and noises
     lora_r: int = Field(16, ge=1, description="LoRA rank r")
     lora_alpha: float = Field(16, gt=0, description="LoRA scale: the adapter adds (alpha / r)·B·A")
     lora_dropout: float = Field(

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 class FlascOptions(FedITOptions):
     sparsifies_uplink: ClassVar[bool] = True
+    privacy_refusal: ClassVar[str | None] = None  # DenseServer clips and noises
     density_up: float = Field(1 / 16, gt=0, le=1, description="ρ_u: fraction of the change sent up")
     density_down: float = Field(
         1 / 16, gt=0, le=1, description="ρ_d: fraction of the weights sent down"

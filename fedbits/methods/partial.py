@@ -31,8 +31,9 @@ round, slot) into the same block, so no parameter name travels.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -73,12 +74,14 @@ from fedbits.methods.base import (
 )
 from fedbits.methods.fedit import FedITOptions, add_lora
 from fedbits.methods.registry import register
+from fedbits.privacy import ClientLevelDP
 from fedbits.robust import RobustAggregator
 from fedbits.server_opt import apply_pseudo_gradient, make_server_optimizer
 from fedbits.wire import Body, Layout, Reader, Writer
 
 
 class PartialOptions(FedITOptions, SubsetOptions):
+    privacy_refusal: ClassVar[str | None] = None  # PartialServer clips and noises
     uplink: list[str] = Field(
         default_factory=lambda: ["int8"],
         description="codec chain for the trained block's change ([] sends wire_dtype values)",
@@ -138,6 +141,7 @@ class PartialServer(_PartialHalf):
         self.optimizer = make_server_optimizer(list(self.params.values()), self.opts)
         self.cohort = Cohort()
         self.robust = RobustAggregator(ctx.robust, ctx.device)
+        self.privacy = ClientLevelDP.of(ctx.privacy, ctx.seed, ctx.device)
         self._values: tuple[int, bytes] | None = None  # (round, encoded universe): once per round
 
     def downlink(self, round_: int, client: int) -> bytes:
@@ -162,13 +166,21 @@ class PartialServer(_PartialHalf):
         check_change(sender, num_samples, train_loss, delta)
         update = DeltaUpdate(client, num_samples, train_loss, dict(delta))  # the block's tensors
         self.robust.admit(round_, update)
+        if self.privacy is not None:
+            self.privacy.clip(round_, update.delta)
         return update
 
     @torch.no_grad()
     def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
         """Per tensor, the combined change of the clients that trained it (by default
-        their sample-weighted mean, ``[robust]``); one server step on those tensors only."""
-        outcome = self.robust.combine(round_, narrow(updates, DeltaUpdate), self.params)
+        their sample-weighted mean, ``[robust]``; noised by ``[privacy]``); one server
+        step on those tensors only."""
+        deltas = narrow(updates, DeltaUpdate)
+        outcome = self.robust.combine(round_, deltas, self.params)
+        if outcome.changes and self.privacy is not None:
+            received = Counter(name for u in deltas for name in u.delta)
+            outcome.stats.update(self.privacy.release_(
+                round_, outcome.changes, received, self._scheduled(round_), self.params))
         names = list(outcome.changes)
         if names:
             apply_pseudo_gradient(self.optimizer, [self.params[n] for n in names],
@@ -176,16 +188,25 @@ class PartialServer(_PartialHalf):
         self._values = None
         return {"tensors_updated": len(names), **outcome.stats}
 
+    def _scheduled(self, round_: int) -> Counter[str]:
+        """Per tensor, the clients of a full cohort the schedule gives it this round: the
+        denominator of its noised mean, fixed whoever answers."""
+        return Counter(name for slot in range(self.ctx.cohort)
+                       for name in self.subset.select(round_, slot)[1])
+
     def global_model(self) -> nn.Module:
         return self.model
 
     def state_dict(self) -> dict[str, Any]:
         return {**optimizer_checkpoint(self.params, self.optimizer),
-                "robust": self.robust.state_dict()}
+                "robust": self.robust.state_dict(),
+                **({"privacy": self.privacy.state_dict()} if self.privacy is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_checkpoint(self.params, self.optimizer, state)
         self.robust.load_state_dict(state.get("robust", {}))
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
         self._values = None
 
     def save_final(self, path: Path) -> None:

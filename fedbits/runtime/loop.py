@@ -34,6 +34,7 @@ from fedbits.data.format import Tokenized
 from fedbits.errors import ConfigError, FedbitsError, NoUpdateAccepted
 from fedbits.eval import evaluate
 from fedbits.methods import ClientData, ClientUpdate, get_method
+from fedbits.privacy import Accountant
 from fedbits.progress import progress
 from fedbits.report.fmt import format_bytes
 from fedbits.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, truncate_to
@@ -88,6 +89,8 @@ def _summary_line(row: dict[str, Any], rounds: int) -> str:
         ]
         if row["train_loss"] is not None:
             parts.append(f"train_loss {row['train_loss']:.4f}")
+        if row.get("dp_epsilon") is not None:
+            parts.append(f"dp_epsilon {row['dp_epsilon']:.3g}")
     formats = {"eval_loss": "{:.4f}", "perplexity": "{:.2f}", "rougeL": "{:.2f} %",
                "exact_match": "{:.2f} %"}  # the generation metrics are percentages
     for key, fmt in formats.items():
@@ -113,6 +116,12 @@ class RoundLoop(ABC):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.ledger = Ledger(run_dir / "ledger.jsonl")
         self.cum_bytes = 0
+        # [privacy]: the (ε, δ) of the models released so far, in every row; a round
+        # samples its cohort from the clients eligible to be sampled
+        self.accountant = (
+            Accountant(self.cfg.privacy, self.cfg.clients_per_round(),
+                       len(setup.eligible_clients()))
+            if self.cfg.privacy is not None else None)
         # the last body sealed and its payload: a method that gives every client of a
         # round the same body object gets one sealed copy, not one per client
         self._sealed: tuple[bytes, bytes] | None = None
@@ -268,7 +277,13 @@ class RoundLoop(ABC):
             # each under its own key: nothing a method reports can replace a runtime key
             "client_stats": client_stats,
             "server_stats": server_stats,
+            **self._privacy_spent(round_),
         }
+
+    def _privacy_spent(self, round_: int) -> dict[str, float | None]:
+        """``dp_epsilon`` and ``dp_delta`` after ``round_`` rounds, with ``[privacy]``;
+        every round counts, whether or not its aggregate moved the model."""
+        return self.accountant.row(round_) if self.accountant is not None else {}
 
     def evaluate(self) -> dict[str, float]:
         # a causal LM, or a PEFT model around one: evaluate calls it and generates with it
@@ -297,7 +312,7 @@ class RoundLoop(ABC):
                 "round": 0, "clients": [], "rejected": {}, "bytes_up": 0, "bytes_down": 0,
                 "bytes_up_per_client": {}, "bytes_down_per_client": {}, "cum_bytes": 0,
                 "train_loss": None, "eval_truncated": self.setup.eval_truncated,
-                **self.evaluate(),
+                **self._privacy_spent(0), **self.evaluate(),
             }
             row.update(seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
             self._write_row(row)

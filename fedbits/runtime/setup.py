@@ -87,6 +87,8 @@ class RunSetup:
             base_tensor=self.frozen.tensor,
             device=self.frozen.device,
             robust=self.cfg.robust,
+            privacy=self.cfg.privacy,
+            rounds=self.cfg.run.rounds,
         )
 
     def eligible_clients(self) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -13,6 +13,10 @@ from fedbits.methods.fedkseed.wire import EntryFormat, ScalarDtype
 
 
 class FedKSeedOptions(MethodOptions):
+    privacy_refusal: ClassVar[str | None] = (
+        "an update is τ zeroth-order seed scalars that every client replays, not a weight "
+        "change; fedbits.privacy clips and noises weight changes, and noised scalars in the "
+        "pool are not implemented or accounted for")
     num_seeds: int = Field(4096, ge=1, le=1 << 24, description="K, the candidate seed pool")
     eps: float = Field(5e-4, gt=0, description="perturbation scale ε of the two-point estimate")
     distribution: Literal["gaussian", "rademacher"] = Field(
@@ -57,4 +61,5 @@ class FedKSeedOptions(MethodOptions):
 
 
 class FedKSeedProOptions(FedKSeedOptions):
+    privacy_refusal = FedKSeedOptions.privacy_refusal
     history_clip: float = Field(1000.0, gt=0, description="|scalar| clip for seed importance")

@@ -29,6 +29,7 @@ from fedbits.config import Config, faults_refusal
 from fedbits.errors import ConfigError, FedbitsError
 from fedbits.resolve import config_toml
 from fedbits.runtime.flower.protocol import CONFIG_KEY, RESUME_KEY
+from fedbits.runtime.flower.signing import SIGNATURE_KEY
 
 APP_NAME = "fedbits-app"  # also the directory name: Flower requires them to be valid names
 
@@ -82,7 +83,9 @@ def write_app(cfg: Config, directory: Path, *, resume: bool = False,
                 "serverapp": "fedbits.runtime.flower.server_app:app",
                 "clientapp": "fedbits.runtime.flower.client_app:app",
             },
-            "config": {CONFIG_KEY: config_toml(cfg), RESUME_KEY: resume},
+            # the signature is an override (it cannot be in the bundle it signs); Flower
+            # accepts an override only for a key the app declares
+            "config": {CONFIG_KEY: config_toml(cfg), RESUME_KEY: resume, SIGNATURE_KEY: ""},
         }}},
     }
     (directory / "pyproject.toml").write_text(tomli_w.dumps(pyproject))

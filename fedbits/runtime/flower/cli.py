@@ -1,7 +1,8 @@
 """``fedbits flower ...``: the commands that set up and drive a Flower deployment.
 
 A run itself is launched with ``fedbits run CONFIG`` and ``runtime.kind = "flower"``;
-these commands make the pieces it needs (certificates, a node's key pair, SuperLink,
+these commands make the pieces it needs (certificates, a node's key pair, the
+operator's app-signing key, SuperLink,
 SuperNodes, the connection entry ``flwr`` reads) and re-attach to a run.
 docs/flower.md walks through them in order.
 
@@ -17,6 +18,7 @@ import functools
 import ipaddress
 import logging
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,14 +125,33 @@ def _keygen(args: argparse.Namespace) -> None:
     print(public.read_text().strip())
 
 
+def _signing_key(args: argparse.Namespace) -> None:
+    from fedbits.runtime.flower.signing import SIGNING_KEY_ENV, make_signing_key
+
+    private = Path(args.key).expanduser()
+    public, trusted = make_signing_key(private, force=args.force)
+    print(f"private key: {private} (mode 0600: it stays with the operator; `fedbits run` "
+          f"signs every app with it when {SIGNING_KEY_ENV}={private})")
+    print(f"public key: {public}")
+    print(f"trusted entities: {trusted}; give it to every data holder, who starts the "
+          f"SuperNode with --trusted-entities {trusted.name}:")
+    print(trusted.read_text().strip())
+
+
 def _superlink(args: argparse.Namespace) -> None:
     from fedbits.runtime.flower.processes import exec_superlink
 
     if not _is_loopback(args.host):
-        logger.warning(f"Flower's control API listens on {args.host}:{args.port} with the "
-                       "Fleet API and has no user authentication: whoever reaches it can run "
-                       "code on this machine and on every SuperNode (docs/flower.md, "
-                       "\"Restricting the control port\")")
+        exposure = (f"Flower's control API listens on {args.host}:{args.port} with the Fleet "
+                    "API and has no user authentication: whoever reaches it can submit apps "
+                    "that run code on this machine and on every SuperNode that does not "
+                    "check signatures, and register node keys of their own (docs/flower.md, "
+                    "\"Restricting the control port\")")
+        if not args.expose_control_api:
+            raise FedbitsError(f"--host {args.host} is refused: {exposure}. Keep the default "
+                               "127.0.0.1 and expose /v1/fleet/ alone through a reverse proxy, "
+                               "or pass --expose-control-api to accept this")
+        logger.warning("--expose-control-api: %s", exposure)
     state = Path(args.dir)
     runs = Path(args.runs_dir) if args.runs_dir else state / "runs"
     exec_superlink(state, args.host, args.port, Path(args.certs) if args.certs else None,
@@ -200,10 +221,16 @@ def _supernode(args: argparse.Namespace) -> None:
         if not (settings.pins.models and settings.pins.methods):
             logger.warning("without --allow-model and --allow-method this node accepts any "
                            "model and any method a run names")
+    trusted = Path(args.trusted_entities).expanduser() if args.trusted_entities else None
+    if trusted is None:
+        logger.warning("without --trusted-entities this node runs any app the SuperLink "
+                       "hands it, from whoever reached its Control API (docs/flower.md, "
+                       "\"Signed apps\")")
     supervisor = SuperNodeSupervisor(
         superlink=args.superlink, settings=settings, runtime_port=args.runtime_port,
         root_certificates=Path(args.root_certificates) if args.root_certificates else None,
         insecure=args.insecure, auth_key=Path(args.auth_key) if args.auth_key else None,
+        trusted_entities=trusted,
     )
     status = supervisor.run()
     if status:
@@ -269,7 +296,15 @@ def _app(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.set)
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
     app = write_app(cfg, Path(args.out), resume=args.resume, force=args.force)
-    print(f"Flower App written to {app}: submit it with `flwr run {app} <connection> --stream`")
+    if args.sign is None:
+        print(f"Flower App written to {app}: submit it with `flwr run {app} <connection> "
+              "--stream`")
+        return
+    from fedbits.runtime.flower.signing import sign_app, signature_override
+
+    override = signature_override(sign_app(app, Path(args.sign).expanduser()))
+    print(f"Flower App written to {app} and signed: submit it unchanged with `flwr run {app} "
+          f"<connection> {shlex.join(override)} --stream`")
 
 
 def _follow(args: argparse.Namespace) -> None:
@@ -316,13 +351,25 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="replace an existing key pair (the new public key must be registered)")
     p.set_defaults(func=_keygen)
 
+    p = fsub.add_parser("signing-key", help="make the operator's app-signing key pair and "
+                        "the trusted-entities file for the nodes")
+    p.add_argument("key", help="private key file to write (mode 0600); also writes KEY.pub "
+                   "and KEY.trusted-entities.yaml")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing key (every node then needs the new file)")
+    p.set_defaults(func=_signing_key)
+
     p = fsub.add_parser("superlink", help="start a SuperLink (replaces this process)")
     p.add_argument("--dir", default=str(Path.home() / ".fedbits" / "superlink"),
                    help="state: database, installed apps")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: loopback). Flower 1.41 serves its "
                    "unauthenticated control API on the same address and port as the Fleet "
-                   "API: expose the Fleet API through a proxy instead (docs/flower.md)")
+                   "API, so any other address is refused unless --expose-control-api: "
+                   "expose the Fleet API through a proxy instead (docs/flower.md)")
+    p.add_argument("--expose-control-api", action="store_true",
+                   help="accept a non-loopback --host, which hands the control API (submit "
+                   "apps, register node keys) to everyone who reaches it")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--runs-dir", help="where this host writes every run, whatever the "
                    "submitted config's run.out_dir (default: DIR/runs)")
@@ -360,6 +407,9 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="local port of the SuperNode's ClientApp API (one per SuperNode on a host)")
     tls(p)
     p.add_argument("--auth-key", help="private key for SuperNode authentication")
+    p.add_argument("--trusted-entities", metavar="FILE",
+                   help="run only apps signed by a key in FILE (the operator's "
+                   "KEY.trusted-entities.yaml from `fedbits flower signing-key`)")
     p.add_argument("--no-worker", action="store_true",
                    help="no long-lived worker: each message reloads the model")
     p.set_defaults(func=_supernode)
@@ -398,6 +448,8 @@ def add_flower_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--resume", action="store_true", help="the run continues from its checkpoint")
     p.add_argument("--force", action="store_true",
                    help="write into an existing app directory (replaces its pyproject.toml)")
+    p.add_argument("--sign", metavar="KEY", help="sign the app with this key (`fedbits flower "
+                   "signing-key`) and print the flwr run arguments that carry the signature")
     p.set_defaults(func=_app)
 
     p = fsub.add_parser("follow", help="stream a Flower run's log, then record its traffic")

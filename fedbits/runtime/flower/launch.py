@@ -8,7 +8,8 @@ the bytes that crossed its Fleet API for this run. Those go to ``flower.json`` i
 the run directory next to fedbits' own payload total from the ledger, so Flower's
 framing overhead is visible. Without a configured connection nothing starts
 (:func:`~fedbits.runtime.flower.app.resolve_connection`): ``flwr`` would otherwise
-start a local simulation SuperLink of its own.
+start a local simulation SuperLink of its own. With ``FEDBITS_APP_SIGNING_KEY`` set, the
+app is signed with that key (:mod:`.signing`), so SuperNodes that trust it run it.
 
 The ServerApp writes the run directory on the SuperLink's machine, as ``run.name``
 under the runs directory that host chose (``fedbits flower superlink --runs-dir``);
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -33,6 +35,7 @@ from typing import Any
 from fedbits.config import Config
 from fedbits.errors import ConfigError, FedbitsError
 from fedbits.runtime.flower.app import resolve_connection, write_app
+from fedbits.runtime.flower.signing import SIGNING_KEY_ENV, sign_app, signature_override
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +127,14 @@ def launch(cfg: Config, *, resume: bool, overwrite: bool) -> Path:
     cfg.run.out_dir = str(Path(cfg.run.out_dir).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         app = write_app(cfg, Path(tmp), resume=resume)
-        streamed = _stream([flower_tool("flwr"), "run", str(app), superlink, "--stream"])
+        argv = [flower_tool("flwr"), "run", str(app), superlink, "--stream"]
+        if key := os.environ.get(SIGNING_KEY_ENV):
+            argv += signature_override(sign_app(app, Path(key).expanduser()))
+            logger.info("the app is signed with %s (%s)", key, SIGNING_KEY_ENV)
+        else:
+            logger.info("the app is not signed (%s is not set): SuperNodes started with "
+                        "--trusted-entities refuse it", SIGNING_KEY_ENV)
+        streamed = _stream(argv)
     if streamed.status != 0 or streamed.run_id is None:
         raise FedbitsError(f"`flwr run` could not start the run on SuperLink "
                            f"{superlink!r}:\n" + "\n".join(streamed.tail))

@@ -15,7 +15,8 @@ and the node worker that keeps the model in memory between rounds. A worker that
 dies is restarted (the round it was serving is reported to the server as missing);
 if the SuperNode exits (e.g. refused by the SuperLink), the worker is stopped and
 its exit status is returned. SIGTERM or Ctrl-C stops both, and everything the
-SuperNode started, by process group.
+SuperNode started, by process group. With trusted entities, the ClientApps it
+starts run only apps signed by a trusted key (:mod:`.signing`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fedbits.runtime.flower.certs import CertPaths
 from fedbits.runtime.flower.holder import NodeSettings
 from fedbits.runtime.flower.identity import HOLDERS_ENV, HOLDERS_FILE
 from fedbits.runtime.flower.launch import flower_tool
+from fedbits.runtime.flower.signing import TRUSTED_ENV, install_verifier
 
 logger = logging.getLogger(__name__)
 
@@ -131,19 +133,26 @@ class SuperNodeSupervisor:
 
     def __init__(self, *, superlink: str, settings: NodeSettings, runtime_port: int,
                  root_certificates: Path | None, insecure: bool,
-                 auth_key: Path | None) -> None:
+                 auth_key: Path | None, trusted_entities: Path | None = None) -> None:
         if insecure == (root_certificates is not None):
             raise FedbitsError("give the SuperLink's CA certificate (--root-certificates) or "
                                "--insecure, not both and not neither")
         if auth_key is not None and insecure:
             raise FedbitsError("SuperNode authentication (--auth-key) needs TLS, not --insecure")
-        for path in (root_certificates, auth_key):
+        for path in (root_certificates, auth_key, trusted_entities):
             if path is not None and not path.is_file():
                 raise FedbitsError(f"{path} not found")
         self.root = settings.root
         self.use_worker = settings.worker
         self.root.mkdir(parents=True, exist_ok=True)
         self.env = _flower_env(self.root / "flwr-home")
+        if trusted_entities is not None:
+            # not flower-supernode's own --trusted-entities: it refuses every app not
+            # fetched from Flower Hub (:mod:`.signing`); the ClientApps its SuperExec
+            # starts are fedbits' verifying flwr-clientapp instead
+            verifier = install_verifier(self.root, trusted_entities)
+            self.env["PATH"] = os.pathsep.join([str(verifier), self.env["PATH"]])
+            self.env[TRUSTED_ENV] = str(trusted_entities.resolve())
         # the SuperNode's SuperExec looks for a new message to start a ClientApp for every
         # second by default; every round waits for that, so look twice as often (~1% CPU)
         self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.5")
