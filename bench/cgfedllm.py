@@ -88,11 +88,11 @@ def plot(out: dict[str, Any], path: Path) -> None:
     FigureCanvasAgg(fig)
     loss_ax, cos_ax = fig.subplots(1, 2)
     for name, run in out["runs"].items():
-        points = [(r["cum_bytes"], r["eval_loss"]) for r in run["rounds"]
+        points = [(r["cum_bytes"] / 1e6, r["eval_loss"]) for r in run["rounds"]
                   if r["eval_loss"] is not None]
         loss_ax.plot(*zip(*points, strict=True), marker="o", label=name)
-    loss_ax.set_xscale("log")
-    loss_ax.set_xlabel("cumulative bytes (all clients, both ways)")
+    loss_ax.set_xlim(left=0)
+    loss_ax.set_xlabel("cumulative MB (all clients, both ways)")
     loss_ax.set_ylabel("held-out loss")
     loss_ax.legend(fontsize=8)
     faf = [r for r in out["runs"]["cgfedllm"]["rounds"] if "recon_cosine" in r]
