@@ -109,7 +109,8 @@ VARIANTS: dict[str, list[list[str]]] = {
     "fedkseed": [["wire=reference"], ["scalar_dtype=int8", "pool_dtype=bfloat16", "zstd=false"],
                  ["scalar_dtype=float32", "pool_dtype=float32"]],
     "fedkseed-pro": [["wire=reference"]],
-    "fedcybgd": [["download=fraction"]],
+    # cycle: the optimizer state travels (a step count only under the plain SGD above)
+    "fedcybgd": [["download=fraction"], ["schedule=cycle", "agg_clients=3"]],
     "partial": [["uplink=[]", "wire_dtype=bfloat16"]],
     # round 2 is FAF by default (the encoder comes down, the latent goes up); audited,
     # the dense update follows the claims; TGAP, both ways dense
@@ -135,9 +136,15 @@ CHAIN_CASES: list[tuple[list[str], str]] = [
     (["int8"], "normal"),
     (["bf16", "zstd"], "sparse"),
     (["autoencoder:ratio=1/16,chunk=512,latent=int8", "zstd"], "normal"),  # CG-FedLLM's
+    (["powersgd:rank=4", "zstd"], "normal"),  # low-rank factors: the P orthonormality check
+    (["hadamard", "uniform:bits=2,sr"], "normal"),  # Ro et al.'s low-bit uplink
+    (["topk:1/16", "hadamard:block=64", "uniform:bits=3", "zstd"], "normal"),
+    (["uniform:bits=1,block=7"], "normal"),  # codes and blocks that do not fill a byte
 ]
 """The chains docs/compress.md shows, and one per index coding; every registered stage
 alone is added (:func:`chain_cases`)."""
+NEEDS = {"uniform": "uniform:bits=4"}
+"""Stages with no default spelling, as :func:`chain_cases` spells them alone."""
 
 
 def _vector(kind: str) -> torch.Tensor:
@@ -263,8 +270,8 @@ class _UplinkDecoder:
 def chain_cases() -> list[tuple[list[str], str]]:
     """:data:`CHAIN_CASES`, then every registered stage (plugins' too) alone, a
     sparsifier at density 1/16, on the ``sparse`` vector."""
-    alone = [([f"{s.name}:1/16" if s.role == "positions" else s.name], "sparse")
-             for s in available_stages()]
+    alone = [([f"{s.name}:1/16" if s.role == "positions" else NEEDS.get(s.name, s.name)],
+              "sparse") for s in available_stages()]
     return CHAIN_CASES + [case for case in alone if case not in CHAIN_CASES]
 
 

@@ -99,6 +99,8 @@ def _cmd_methods(args: argparse.Namespace) -> None:
         if args.verbose:
             for line in describe_options(spec.options):
                 print(f"    {line}")
+            for key, value in spec.client_defaults.items():
+                print(f"    [clients] {key} = {value!r} (this method's default)")
 
 
 def build_parser() -> argparse.ArgumentParser:

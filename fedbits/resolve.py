@@ -27,8 +27,27 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read ``path`` (or the defaults when None), apply ``--set`` overrides and validate
     everything, the method's own options and the model name included."""
     cfg = read_config(path, overrides)
+    apply_client_defaults(cfg)
     validate_references(cfg, "defaults" if path is None else str(path))
     return cfg
+
+
+def apply_client_defaults(cfg: Config) -> None:
+    """Give every ``[clients]`` key the user did not set the value the method declares
+    (:attr:`~fedbits.methods.base.MethodSpec.client_defaults`), in place.
+
+    A key then counts as set, so applying again changes nothing, and the run's
+    ``config.toml`` (and the config a Flower run ships to its nodes) holds the values
+    the run trains with. An unknown method is left for :func:`validate_references`."""
+    from fedbits.methods import get_method
+
+    try:
+        spec = get_method(cfg.method.name)
+    except ConfigError:
+        return
+    for key, value in spec.client_defaults.items():
+        if key not in cfg.clients.model_fields_set:
+            setattr(cfg.clients, key, value)
 
 
 def validate_references(cfg: Config, origin: str = "config") -> None:

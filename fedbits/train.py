@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -81,17 +81,44 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
         base.activation_checkpointing_disable()
 
 
-def make_optimizer(params: list[nn.Parameter], section: ClientsSection) -> torch.optim.Optimizer:
+ParamState = dict[str, torch.Tensor]
+"""One parameter's optimizer state as torch keeps it: AdamW's ``step``, ``exp_avg`` and
+``exp_avg_sq``; SGD's ``momentum_buffer`` (none without momentum). Empty: not stepped yet."""
+
+
+def make_optimizer(
+    params: list[nn.Parameter], section: ClientsSection,
+    states: Sequence[ParamState] | None = None,
+) -> torch.optim.Optimizer:
     """A fresh client optimizer each round (FedAvg convention: no client optimizer state
-    crosses rounds unless a method keeps it in its client store)."""
+    crosses rounds unless a method keeps it in its client store, or sends it, as
+    FedCyBGD's ``cycle`` schedule does: then ``states`` holds, per parameter, the state
+    it continues from, as :func:`optimizer_states` returned it)."""
+    optimizer: torch.optim.Optimizer
     if section.optimizer == "sgd":
-        return torch.optim.SGD(
+        optimizer = torch.optim.SGD(
             params, lr=section.lr, momentum=section.momentum, weight_decay=section.weight_decay
         )
-    # foreach=False: the multi-tensor path holds temporaries the size of all the trained
-    # tensors (a second model's worth for FedAvg); one tensor at a time costs no memory
-    return torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay,
-                             foreach=False)
+    else:
+        # foreach=False: the multi-tensor path holds temporaries the size of all the trained
+        # tensors (a second model's worth for FedAvg); one tensor at a time costs no memory
+        optimizer = torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay,
+                                      foreach=False)
+    if states is not None:
+        if len(states) != len(params):
+            raise ValueError(f"{len(states)} optimizer states for {len(params)} parameters")
+        for p, state in zip(params, states, strict=True):
+            if state:  # an empty state is a parameter not stepped yet: torch initialises it
+                optimizer.state[p] = dict(state)
+    return optimizer
+
+
+def optimizer_states(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+) -> list[ParamState]:
+    """Per parameter, the optimizer's tensors (what :func:`make_optimizer` continues from)."""
+    return [{k: v for k, v in optimizer.state[p].items() if isinstance(v, torch.Tensor)}
+            for p in params]
 
 
 class StepInBackward:
@@ -102,13 +129,25 @@ class StepInBackward:
     tensor: a whole model's worth for FedAvg, 4 GB at 1B parameters. The arithmetic is
     that of one optimizer over all of them, bit for bit: :func:`make_optimizer`'s
     optimizers step each tensor on its own anyway (``foreach=False``). Nothing in the
-    loop may need every gradient at once (no global-norm clipping, no accumulation)."""
+    loop may need every gradient at once (no global-norm clipping, no accumulation).
 
-    def __init__(self, params: list[nn.Parameter], section: ClientsSection) -> None:
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(_step_and_free(make_optimizer([p], section)))
-            for p in params
-        ]
+    ``states``: as for :func:`make_optimizer`; :meth:`states` reads them back before the
+    block ends (leaving it frees the optimizers and their state)."""
+
+    def __init__(self, params: list[nn.Parameter], section: ClientsSection,
+                 states: Sequence[ParamState] | None = None) -> None:
+        if states is not None and len(states) != len(params):
+            raise ValueError(f"{len(states)} optimizer states for {len(params)} parameters")
+        self._params = params
+        self._optimizers = [make_optimizer([p], section, None if states is None else [states[i]])
+                            for i, p in enumerate(params)]
+        self._hooks = [p.register_post_accumulate_grad_hook(_step_and_free(opt))
+                       for p, opt in zip(params, self._optimizers, strict=True)]
+
+    def states(self) -> list[ParamState]:
+        """Per parameter, its optimizer's state (see :func:`optimizer_states`)."""
+        return [optimizer_states(opt, [p])[0]
+                for p, opt in zip(self._params, self._optimizers, strict=True)]
 
     def __enter__(self) -> StepInBackward:
         return self
@@ -116,7 +155,7 @@ class StepInBackward:
     def __exit__(self, *exc: object) -> None:
         for hook in self._hooks:  # the hooks hold the optimizers and their state
             hook.remove()
-        self._hooks = []
+        self._hooks, self._optimizers = [], []
 
 
 def _step_and_free(optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:

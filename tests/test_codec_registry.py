@@ -69,10 +69,11 @@ def signs_plugin():
 def test_builtin_and_plugin_stages_are_registered_by_role():
     stages = {info.name: info for info in available_stages()}
     roles = [info.role for info in available_stages()]
-    assert roles == sorted(roles, key=["positions", "values", "bytes"].index)  # chain order
-    assert {n: stages[n].role for n in ("topk", "randk", "fp16", "int4", "sign1", "zstd")} == {
-        "topk": "positions", "randk": "positions", "fp16": "values", "int4": "values",
-        "sign1": "values", "zstd": "bytes"}
+    assert roles == sorted(roles, key=["positions", "transform", "values", "bytes"].index)
+    named = ("topk", "randk", "hadamard", "fp16", "int4", "uniform", "sign1", "zstd")
+    assert {n: stages[n].role for n in named} == {
+        "topk": "positions", "randk": "positions", "hadamard": "transform", "fp16": "values",
+        "int4": "values", "uniform": "values", "sign1": "values", "zstd": "bytes"}
     assert stages["sign1"].usage == "sign1[:block=N]"
     plugin = [ep for ep in entry_points(group="fedbits.codecs") if ep.name == "sign1"]
     assert [(ep.value, ep.dist.name) for ep in plugin] == [("fedbits_signs", "fedbits-signs")]
@@ -84,7 +85,8 @@ def test_an_unknown_stage_lists_every_registered_one_plugins_included():
     message = str(e.value)
     assert message.startswith("method.uplink[1] 'sign2': unknown stage 'sign2'")
     assert "Valid stages: topk:<density>, topk_tensor:<density>, randk:<density> (sp" in message
-    assert "int4[:block=N][,sr], sign1[:block=N] (value formats" in message
+    assert "uniform:bits=N[,block=N][,sr], sign1[:block=N] (value formats" in message
+    assert "hadamard[:block=N] (rotations, at most one, before the value format)" in message
     assert "zstd[:level=N] (byte stages, last)" in message
 
 

@@ -185,3 +185,97 @@ def test_the_server_forgets_the_oldest_views_beyond_max_views(tmp_path):
                                     opts.num_seeds, False)[0]
     assert full
     assert all(not row["rejected"] for row in _rows(tmp_path / "sim"))
+
+
+def _minimal_config(tmp_path: Path, clients: str,
+                    method: str = 'name = "fedkseed"\nnum_seeds = 16') -> Path:
+    """A run that leaves the ``[clients]`` keys it does not name unset."""
+    path = tmp_path / "minimal.toml"
+    path.write_text(f'[run]\nname = "defaults"\nrounds = 1\nout_dir = "{tmp_path}"\n'
+                    '[model]\nname = "tiny-llama"\n'
+                    '[data]\nbuiltin_per_task = 4\nnum_clients = 2\n'
+                    f'[clients]\nper_round = 2\nmax_length = 32\n{clients}\n'
+                    f'[method]\n{method}\n'
+                    '[eval]\nmetrics = ["loss"]\nmax_examples = 2\n')
+    return path
+
+
+def test_the_paper_client_setting_is_the_default_and_an_explicit_value_wins(tmp_path):
+    import tomllib
+
+    from fedbits.config import read_config
+    from fedbits.resolve import apply_client_defaults, config_toml
+
+    path = _minimal_config(tmp_path, "local_steps = 2")
+    run_dir = run_experiment(load_config(path))
+    saved = tomllib.loads((run_dir / "config.toml").read_text())["clients"]
+    # lr and batch_size were not set: the paper's; local_steps was: the user's
+    assert (saved["lr"], saved["batch_size"], saved["local_steps"]) == (3e-7, 1, 2)
+    assert all(not r["rejected"] and r["clients"] for r in _rows(run_dir)[1:])
+    explicit = load_config(path, ["clients.lr=0.001", "clients.batch_size=2"])
+    assert (explicit.clients.lr, explicit.clients.batch_size) == (1e-3, 2)
+    # what a Flower run ships to its nodes is the same resolved text
+    assert tomllib.loads(config_toml(load_config(path)))["clients"]["lr"] == 3e-7
+    # a method that declares nothing keeps the generic defaults
+    other = read_config(_minimal_config(tmp_path, "", 'name = "fedavg"'))
+    apply_client_defaults(other)
+    assert other.clients.lr == 1e-4 and other.clients.batch_size == 4
+
+
+def test_methods_v_shows_the_declared_client_defaults(capsys):
+    from fedbits.cli import main
+
+    assert main(["methods", "-v"]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("\nfedkseed "):out.index("\nfedkseed-pro ")]
+    assert "[clients] lr = 3e-07" in section and "[clients] local_steps = 200" in section
+    assert "[clients] batch_size = 1" in section
+
+
+def test_weight_decay_is_refused_with_the_reason(tmp_path):
+    from fedbits.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="clients.weight_decay = 0.1: fedkseed's model is the "
+                       "base weights plus the seed pool's steps"):
+        load_config(EXAMPLE, [f"run.out_dir={tmp_path}", "clients.weight_decay=0.1"])
+
+
+def test_pro_importance_counts_each_seeds_initial_zero():
+    """The reference starts every seed's history with a 0 (``--grad_initial``): a seed
+    seen once with |scalar| 10 has mean 5, one seen four times with 10 has mean 8."""
+    from types import SimpleNamespace
+
+    from fedbits.methods.fedkseed.server import FedKSeedServer
+
+    history = SimpleNamespace(history_sum=np.array([10.0, 40.0, 0.0]),
+                              history_count=np.array([1, 4, 0]))
+    levels = FedKSeedServer.importance_levels(history)  # type: ignore[arg-type]
+    assert levels.tolist() == [round(5 / 8 * 255), 255, 0]
+
+
+def test_grad_clip_skips_a_step_on_the_client_and_in_replay(tmp_path):
+    """A step whose loss gap exceeds method.grad_clip sends no scalar: the server's replay
+    (which every client's digest must match) skips it too, so nothing is refused."""
+    sim = _simulate(tmp_path, "method.grad_clip=0.004", rounds=2)
+    rows = _rows(tmp_path / "sim")
+    skipped = [s["skipped_steps"] for r in rows[1:] for s in r["client_stats"].values()]
+    assert all(not r["rejected"] for r in rows) and sum(len(r["clients"]) for r in rows) == 6
+    assert 0 < sum(skipped) < 6 * 20, skipped
+    client = FedKSeedClient(sim.setup.method_context())
+    client.sync(sim.server.published)
+    assert all(torch.equal(a, b) for a, b in
+               zip(sim.server.model.parameters(), client.model.parameters(), strict=True))
+
+
+def test_a_clipped_step_leaves_the_weights_alone():
+    from test_zo import _batch, _tiny
+
+    from fedbits.zo.step import ZeroOrderTrainer
+
+    model, before = _tiny(), _tiny()
+    trainer = ZeroOrderTrainer(model, eps=1e-3, lr=1e-2, loss_gap_clip=1e-12)
+    with trainer.attached():
+        loss_plus, loss_minus, g = trainer.step(100, _batch(0))
+    assert g is None and loss_plus != loss_minus
+    assert all(torch.equal(a, b) for a, b in
+               zip(model.parameters(), before.parameters(), strict=True))

@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedbits.compress.tensors import write_values
 from fedbits.errors import ConfigError
 from fedbits.methods import ClientData, get_method
+from fedbits.methods._dense import trainable_tensors
 from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
-from fedbits.wire import Direction
+from fedbits.wire import Direction, Writer
 
 from conftest import TINY
 
@@ -46,6 +48,9 @@ def test_flasc_sends_a_fraction_of_fedit_bytes_and_learns(tiny_overrides):
     flasc = run_experiment(load_config(TINY, common + [
         "run.name=flasc", "method.name=flasc", "method.density_up=0.0625",
         "method.density_down=0.0625", "method.server_opt=avg", "method.server_lr=1.0",
+        # the dense adapter learns; the 1/16 download is all LoRA A (B starts at zero) for
+        # the first rounds, so the masked one keeps the base model's loss here
+        "method.eval_masked=false",
     ]))
     for direction in ("up", "down"):
         ratio = _mean_bytes(fedit, direction) / _mean_bytes(flasc, direction)
@@ -200,3 +205,73 @@ def test_flasc_with_error_feedback_resumes_bit_identically(tmp_path):
 def test_bad_compression_options_are_config_errors(tiny_overrides, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, tiny_overrides + overrides)
+
+
+def test_eval_masked_evaluates_the_download_bit_for_bit(tiny_overrides):
+    """eval_masked: the evaluated adapter is exactly what a client decodes from the next
+    round's downlink (top-k at density_down), not the dense server adapter."""
+    server, client, _, _ = _halves(tiny_overrides, ["method.density_down=0.25"])
+    with torch.no_grad():
+        for p in server.params.values():
+            p.copy_(torch.randn_like(p))
+    evaluated = trainable_tensors(server.global_model())
+    assert evaluated.keys() == server.params.keys()
+    client.fill.receive(client.params, client._received(1, 0, server.downlink(1, 0)).tensors)
+    assert all(torch.equal(evaluated[n], client.params[n]) for n in evaluated)
+    flat = server.layout.flatten(evaluated, torch.float32)
+    assert int(torch.count_nonzero(flat)) == int(0.25 * flat.numel())  # sparse, not dense
+    dense, _, _, _ = _halves(tiny_overrides, ["method.density_down=0.25",
+                                              "method.eval_masked=false"])
+    assert dense.global_model() is dense.model
+
+
+def test_density_tiers_upload_by_client_id(tiny_overrides):
+    """Two tiers: client c uploads at density_tiers[c % 2]; the server decodes each by its
+    tier (a wrong density would fail the strict decoder) and the ledger shows both sizes."""
+    run = run_experiment(load_config(TINY, tiny_overrides + FLASC + [
+        "run.rounds=2", "eval.metrics=['loss']", "method.density_tiers=[0.5, 0.0625]"]))
+    up: dict[int, set[int]] = {0: set(), 1: set()}
+    for row in _ledger(run):
+        if row["direction"] == "up":
+            up[row["client"] % 2].add(row["bytes"])
+    assert up[0] and up[1] and min(up[0]) > 4 * max(up[1])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and not any(r["rejected"] for r in rows)
+
+
+@pytest.mark.parametrize("method", ["flasc", "fedit", "fedavg"])
+@pytest.mark.parametrize(("weighting", "weights"), [("uniform", (1, 1)), ("samples", (1, 9))])
+def test_server_weighting_on_the_dense_methods(tiny_overrides, method, weighting, weights):
+    """robust.server_weighting = "uniform" (FLASC's setting) takes the plain mean of the
+    changes whatever the claimed sample counts; "samples" weighs them by the claims."""
+    cfg = load_config(TINY, tiny_overrides + [
+        f"method.name={method}", "method.server_opt=avg", "method.server_lr=1.0",
+        *(["method.density_up=1.0"] if method == "flasc" else []),
+        "robust.norm_bound=off", "robust.max_weight=1000",
+        f"robust.server_weighting={weighting}"])
+    server = get_method(method).server(prepare_run(cfg).method_context())
+    before = server.layout.flatten(server.params, torch.float32).clone()
+    deltas = [torch.full_like(before, 1.0), torch.full_like(before, -3.0)]
+    server.downlink(1, 0)
+    updates = []
+    for client, (claim, delta) in enumerate(zip((10, 90), deltas, strict=True)):
+        w = Writer().u32(claim).f32(1.0)
+        write_values(w, server.layout, server.layout.unflatten(delta),
+                     wire_dtype=torch.float32, chain=server.chains(1, Direction.UP, client),
+                     generator=torch.Generator().manual_seed(client))
+        updates.append(server.decode_uplink(1, client, w.getvalue()))
+    server.aggregate(1, updates)
+    after = server.layout.flatten(server.params, torch.float32)
+    mean = (weights[0] * deltas[0] + weights[1] * deltas[1]) / sum(weights)
+    torch.testing.assert_close(after - before, mean)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method.density_tiers=[0.5]"], "two or more"),
+    (["method.density_tiers=[0.5, 0.1]", "method.density_up=0.5"], "not both"),
+    (["method.density_tiers=[0.5, 0]"], "density_tiers"),
+    (["method.density_tiers=[0.5, 1.5]"], "density_tiers"),
+])
+def test_bad_density_tiers_are_config_errors(tiny_overrides, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, tiny_overrides + FLASC + overrides)

@@ -94,8 +94,14 @@ def test_methods_verbose_shows_real_defaults_choices_and_a_description_for_every
             blocks[current].append(line.strip())
         else:
             current = line.split()[0]
-    for name, lines in blocks.items():
-        fields = get_method(name).options.model_fields
+    for name, all_lines in blocks.items():
+        spec = get_method(name)
+        # a method's own [clients] defaults come after its options
+        declared = [line for line in all_lines if line.startswith("[clients] ")]
+        assert declared == [f"[clients] {key} = {value!r} (this method's default)"
+                            for key, value in spec.client_defaults.items()], name
+        lines = all_lines[: len(all_lines) - len(declared)]
+        fields = spec.options.model_fields
         assert [line.split(" = ")[0] for line in lines] == list(fields), name
         for line, field in zip(lines, fields.values(), strict=True):
             assert field.description and line.endswith(field.description), line

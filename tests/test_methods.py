@@ -25,7 +25,7 @@ from fedbits.wire import Writer, header_size
 from conftest import TINY
 
 BUILTIN_METHODS = {"fedavg", "fedit", "flasc", "partial", "fedcybgd", "fedkseed", "fedkseed-pro",
-                   "cgfedllm"}
+                   "cgfedllm", "fedzo"}
 
 
 def test_registry_finds_every_builtin_method_and_nothing_else():

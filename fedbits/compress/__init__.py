@@ -25,6 +25,7 @@ from fedbits.compress.codec import (
     PositionCodec,
     Role,
     StageError,
+    TransformCodec,
     ValueCodec,
 )
 from fedbits.compress.feedback import ErrorFeedback
@@ -47,6 +48,7 @@ __all__ = [
     "Role",
     "StageError",
     "StageInfo",
+    "TransformCodec",
     "ValueCodec",
     "available_stages",
     "density",

@@ -10,8 +10,10 @@ Payload layout (all integers little-endian)::
     u32  CRC-32 of (numel u64 [, each segment size u64 for a per-tensor sparsifier])
          + all bytes above
 
-    body = positions + values
+    body = positions + rotation + values
     positions: nothing (dense) | the positions stage's bytes (top-k indices, a random-k seed)
+    rotation:  nothing | the rotation stage's header (a seed); the values stage then
+               writes the rotated vector of ``size(k)`` values
     values:    the values stage's bytes for the k (or n) values
     zstd:      u8 coding (0 raw, 1 zstd) + the body, raw or compressed
 
@@ -100,6 +102,13 @@ class Chain:
             _check_size("positions", positions, idx.size, positions.count(n, segs))
             body.append(_view(where))
             sent = torch.from_numpy(flat.numpy()[idx])
+        transform = self._stages.transform
+        if transform is not None:
+            rotated, header = transform.forward(sent, generator)
+            _check_size("values", transform, rotated.numel(), transform.size(sent.numel()))
+            body.append(_view(header))
+            _check_size("bytes", transform, body[-1].nbytes, transform.header_bytes)
+            sent = rotated
         written = [_view(part) for part in values.encode(sent, generator)]
         _check_size("bytes", values, sum(part.nbytes for part in written),
                     values.nbytes(sent.numel()))
@@ -205,6 +214,13 @@ class Chain:
                     f"{what}: field indices: {idx.size} positions, {positions.spec} sends {count}"
                 )
             body = body[len(body) - r.remaining :]
+        transform, header = self._stages.transform, None
+        if transform is not None:
+            if len(body) < transform.header_bytes:
+                raise WireError(f"{what}: field rotation: {len(body)} bytes, {transform.spec} "
+                                f"writes {transform.header_bytes}")
+            header, body = body[: transform.header_bytes], body[transform.header_bytes :]
+            count, kept = transform.size(count), count
         if len(body) != stage.nbytes(count):
             raise WireError(
                 f"{what}: field values: {len(body)} bytes, but {count} values in {stage.spec} "
@@ -216,6 +232,11 @@ class Chain:
                 f"values stage {stage.spec} decoded {values.dtype} {tuple(values.shape)}, "
                 f"expected float32 ({count},)"
             )
+        if transform is not None and header is not None:
+            values = transform.inverse(header, values, kept, what)
+            if values.dtype != torch.float32 or values.shape != (kept,):
+                raise TypeError(f"rotation stage {transform.spec} returned {values.dtype} "
+                                f"{tuple(values.shape)}, expected float32 ({kept},)")
         if not np.isfinite(values.numpy()).all():
             raise WireError(f"{what}: field values: non-finite value")
         return idx, values
@@ -229,10 +250,11 @@ class Chain:
 
     def _max_body(self, n: int, segs: list[int] | None) -> int:
         """The largest body an honest encoder writes: caps decompression."""
-        positions = self._stages.positions
-        if positions is None:
-            return self._stages.values.nbytes(n)
-        return positions.max_bytes(n) + self._stages.values.nbytes(positions.count(n, segs))
+        positions, transform = self._stages.positions, self._stages.transform
+        count = n if positions is None else positions.count(n, segs)
+        values = (self._stages.values.nbytes(count) if transform is None
+                  else transform.header_bytes + self._stages.values.nbytes(transform.size(count)))
+        return values if positions is None else positions.max_bytes(n) + values
 
     def _check_segments(self, segments: Sequence[int] | None, n: int) -> list[int] | None:
         if segments is None:
@@ -260,6 +282,8 @@ class Chain:
 def _fingerprint(stages: Stages) -> bytes:
     parts = [
         _wire_name(stages.positions) if stages.positions else "dense",
+        # a rotation joins only where there is one: chains without keep their fingerprints
+        *([_wire_name(stages.transform)] if stages.transform else []),
         _wire_name(stages.values),
         "+".join(map(_wire_name, stages.bytes)) or "raw",
     ]

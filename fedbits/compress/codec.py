@@ -1,6 +1,7 @@
-"""What a codec stage is: the three roles a stage plays in a chain, as protocols.
+"""What a codec stage is: the four roles a stage plays in a chain, as protocols.
 
 A chain is at most one **positions** stage (which values travel: top-k, random-k),
+then at most one **transform** stage (a rotation of the travelling values: hadamard),
 then one **values** stage (how each travelling value is written: fp16, int8, ...),
 then any number of **bytes** stages (transforms of the whole body: zstd). Each role
 is a protocol below, so a stage is any object with the right methods: a built-in
@@ -28,7 +29,7 @@ import torch
 
 from fedbits.wire import Reader
 
-Role = Literal["positions", "values", "bytes"]
+Role = Literal["positions", "transform", "values", "bytes"]
 Buffer = bytes | bytearray | memoryview | np.ndarray
 """What an encoder may return: anything ``bytes.join`` and ``zlib.crc32`` read in
 place (a C-contiguous little-endian numpy array included), so no stage copies its
@@ -91,6 +92,36 @@ class PositionCodec(Codec, Protocol):
     def read(self, r: Reader, n: int, segments: Sequence[int] | None, what: str) -> np.ndarray:
         """The positions :meth:`select` wrote, read from ``r`` (the values follow them):
         sorted, distinct and below ``n``; the chain checks their count."""
+        ...
+
+
+class TransformCodec(Codec, Protocol):
+    """Maps the travelling values to another vector before the values stage writes it
+    (a random rotation that spreads outliers, so a quantiser's range shrinks), and back
+    after it reads them. Its own bytes (a seed) travel before the values."""
+
+    @property
+    def header_bytes(self) -> int:
+        """The exact size of the bytes :meth:`forward` returns beside the vector."""
+        ...
+
+    def size(self, count: int) -> int:
+        """The length of the transformed vector for ``count`` values (padding included)."""
+        ...
+
+    def forward(
+        self, values: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, Buffer]:
+        """(the float32 vector of ``size(count)`` values the values stage writes, the
+        ``header_bytes`` bytes the receiver needs to invert it); ValueError for values
+        the transform cannot hold."""
+        ...
+
+    def inverse(self, header: memoryview, values: torch.Tensor, count: int,
+                what: str) -> torch.Tensor:
+        """The ``count`` float32 values :meth:`forward` was given (up to rounding and
+        the values stage's error), from its header and the decoded vector; the chain
+        refuses non-finite results."""
         ...
 
 

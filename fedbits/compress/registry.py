@@ -29,6 +29,7 @@ from fedbits.compress.codec import (
     PositionCodec,
     Role,
     StageError,
+    TransformCodec,
     ValueCodec,
 )
 from fedbits.errors import ConfigError
@@ -39,14 +40,16 @@ StageFactory = Callable[[str | None], Codec]
 raises :class:`StageError` (or ValueError) saying what is wrong with it."""
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
-_RANK: dict[Role, int] = {"positions": 0, "values": 1, "bytes": 2}
+_RANK: dict[Role, int] = {"positions": 0, "transform": 1, "values": 2, "bytes": 3}
 _ROLE_LABELS: dict[Role, str] = {
     "positions": "sparsifier",
+    "transform": "rotation",
     "values": "value format",
     "bytes": "byte stage",
 }
 _ROLE_RULES: dict[Role, str] = {
     "positions": "sparsifiers, at most one, first",
+    "transform": "rotations, at most one, before the value format",
     "values": "value formats, at most one, fp32 when none",
     "bytes": "byte stages, last",
 }
@@ -70,6 +73,7 @@ class Stages:
     values: ValueCodec
     bytes: tuple[ByteCodec, ...]
     spec: tuple[str, ...]  # the normalised entries, as given (no default fp32 added)
+    transform: TransformCodec | None = None  # last, so chains without one read as before
 
 
 _STAGES: dict[str, StageInfo] = {}
@@ -180,7 +184,8 @@ def parse_stages(entries: Sequence[str], field: str) -> Stages:
             problem = "a second" if repeated else "out of order:"
             raise ConfigError(
                 f"{where}: {problem} {_ROLE_LABELS[info.role]}; a chain is at most one "
-                f"sparsifier, then at most one value format, then byte stages such as zstd. "
+                f"sparsifier, then at most one rotation, then at most one value format, then "
+                f"byte stages such as zstd. "
                 f"{valid_stages()}"
             )
         found[info.role].append(stage)
@@ -189,6 +194,7 @@ def parse_stages(entries: Sequence[str], field: str) -> Stages:
     positions, values = found["positions"], found["values"] or [_build("fp32")[1]]
     return Stages(
         positions=cast(PositionCodec, positions[0]) if positions else None,
+        transform=cast(TransformCodec, found["transform"][0]) if found["transform"] else None,
         values=cast(ValueCodec, values[0]),
         bytes=tuple(cast(ByteCodec, stage) for stage in found["bytes"]),
         spec=tuple(stage.spec for stages in found.values() for stage in stages),

@@ -68,6 +68,12 @@ def _splitmix64(seed: int, start: int, count: int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
+def random_signs(seed: int, count: int) -> np.ndarray:
+    """``count`` float64 signs ±1, a documented function of ``seed``: -1 where the top
+    bit of SplitMix64 output i is set (the ``hadamard`` stage's random diagonal)."""
+    return 1.0 - 2.0 * (_splitmix64(seed, 0, count) >> np.uint64(63)).astype(np.float64)
+
+
 def _uniform_below(z: np.ndarray, n: int) -> np.ndarray:
     """floor(z · n / 2^64), exactly, in 64-bit arithmetic (n <= 2^32)."""
     n64 = np.uint64(n)

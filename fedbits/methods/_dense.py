@@ -137,15 +137,17 @@ class DenseOptions(MethodOptions, ServerOptOptions):
 
 
 Prepare = Callable[[nn.Module], nn.Module]
-ChainPlan = Callable[[int, Direction], "Chain | None"]
-"""The codec chain for (round, direction); None sends plain ``wire_dtype`` values."""
+ChainPlan = Callable[[int, Direction, int], "Chain | None"]
+"""The codec chain for (round, direction, client); None sends plain ``wire_dtype``
+values. The client is there for per-client chains (FLASC's density tiers): a downlink
+chain must not depend on it, as one body is encoded per round for the whole cohort."""
 
 
 def chains_from_options(opts: DenseOptions) -> ChainPlan:
     """The fixed per-direction chains of ``method.uplink`` / ``method.downlink``."""
     up = parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
     down = parse_chain(opts.downlink, field="method.downlink") if opts.downlink else None
-    return lambda round_, direction: up if direction == Direction.UP else down
+    return lambda round_, direction, client: up if direction == Direction.UP else down
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -191,16 +193,20 @@ class DenseServer(_DenseHalf):
 
     def downlink(self, round_: int, client: int) -> bytes:
         if self._sent is None or self._sent[0] != round_:
-            w = Writer()
-            gen = seeded_generator(self.ctx.seed, "downlink", round_)
-            write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
-                         chain=self.chains(round_, Direction.DOWN), generator=gen)
-            self._sent = (round_, w.getvalue(), 0)
+            self._sent = (round_, self.encode_downlink(round_, client), 0)
         _, body, served = self._sent
         self._sent = (round_, body, served + 1)
         if served + 1 >= self.ctx.cohort:
             self._sent = None  # a later request this round encodes the same bytes again
         return body
+
+    def encode_downlink(self, round_: int, client: int) -> bytes:
+        """The downlink body of ``round_`` from the current weights, encoded afresh."""
+        w = Writer()
+        gen = seeded_generator(self.ctx.seed, "downlink", round_)
+        write_values(w, self.layout, self.fill.to_send(self.params), wire_dtype=self.wire_dtype,
+                     chain=self.chains(round_, Direction.DOWN, client), generator=gen)
+        return w.getvalue()
 
     def decode_uplink(self, round_: int, client: int, body: Body) -> DeltaUpdate:
         """The client's change, checked and bounded (``[robust]``, then clipped by
@@ -224,7 +230,7 @@ class DenseServer(_DenseHalf):
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
         delta = read_values(r, self.layout, wire_dtype=self.wire_dtype,
-                            chain=self.chains(round_, Direction.UP), field="delta").tensors
+                            chain=self.chains(round_, Direction.UP, client), field="delta").tensors
         r.finish()
         check_change(sender, num_samples, train_loss, delta)
         return DeltaUpdate(client, num_samples, train_loss, delta)
@@ -299,7 +305,7 @@ class DenseClient(_DenseHalf):
         change = train_change(self.model, self.params, data, self.ctx.clients, after_step, start)
 
         w = Writer().u32(data.claimed_samples).f32(change.loss)
-        chain = self.chains(round_, Direction.UP)
+        chain = self.chains(round_, Direction.UP, client)
         feedback = None
         if chain is not None and self.ctx.options.error_feedback:
             feedback = ErrorFeedback(store, f"{self.name}-residual", self.layout.numel)
@@ -312,7 +318,7 @@ class DenseClient(_DenseHalf):
     def _received(self, round_: int, client: int, downlink: Body) -> Received:
         r = Reader(downlink, f"downlink to client {client}")
         received = read_values(r, self.layout, wire_dtype=self.wire_dtype,
-                               chain=self.chains(round_, Direction.DOWN), field="weights")
+                               chain=self.chains(round_, Direction.DOWN, client), field="weights")
         r.finish()
         return received
 

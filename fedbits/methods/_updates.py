@@ -23,7 +23,14 @@ from fedbits.errors import ClientError
 from fedbits.memory import release_freed_memory
 from fedbits.methods.base import ClientData, ClientUpdate
 from fedbits.seeding import derive_seed
-from fedbits.train import StepInBackward, gradient_checkpointing, local_train, make_optimizer
+from fedbits.train import (
+    ParamState,
+    StepInBackward,
+    gradient_checkpointing,
+    local_train,
+    make_optimizer,
+    optimizer_states,
+)
 
 
 def seeded_generator(*parts: int | str) -> torch.Generator:
@@ -40,12 +47,15 @@ class LocalChange:
     delta: dict[str, torch.Tensor]  # trained tensor after minus before, by name
     loss: float  # mean training loss
     seconds: float  # time in the training loop
+    # by name, the optimizer state training ended with: only when it was asked to travel
+    optimizer_state: dict[str, ParamState] | None = None
 
 
 def train_change(
     model: nn.Module, trained: Mapping[str, nn.Parameter], data: ClientData, cfg: ClientsSection,
     after_step: Callable[[], None] | None = None,
     start: Callable[[], dict[str, torch.Tensor]] | None = None,
+    optimizer_state: Mapping[str, ParamState] | None = None,
 ) -> LocalChange:
     """Train ``trained`` (the caller froze the rest) on the client's batches for this
     round with a fresh optimizer; the data seed fixes batch order and dropout, so every
@@ -54,6 +64,11 @@ def train_change(
     ``start`` rebuilds the values training started from, as fresh tensors, once it is
     over: a client that can decode its downlink again holds no copy of what it trains
     through training. Without it they are copied before training starts.
+
+    ``optimizer_state``: for a method whose optimizer state travels (FedCyBGD's
+    ``cycle``), the state to continue from, by trained name (a missing or empty entry
+    starts fresh); the state training ended with is then returned in the change.
+    Without it (every other method) the optimizer is fresh and its state dropped.
 
     Faults the simulator injects (``data.injected``) strike here, so every method that
     sends a change meets them alike: a crash after one of the steps, a value attack on
@@ -69,12 +84,18 @@ def train_change(
     gradient_checkpointing(model, cfg.gradient_checkpointing)
     params = list(trained.values())
     after_step = data.injected.crash_hook(after_step)
+    states = None if optimizer_state is None else [optimizer_state.get(n, {}) for n in trained]
+    ended: list[ParamState] | None = None
     # the optimizer state (two tensors per trained one for AdamW) is gone before the delta
     if _step_in_backward(model, params, cfg):
-        with StepInBackward(params, cfg):
+        with StepInBackward(params, cfg, states) as stepper:
             loss = local_train(model, batches, None, after_step=after_step)
+            ended = stepper.states() if states is not None else None
     else:
-        loss = local_train(model, batches, make_optimizer(params, cfg), after_step=after_step)
+        optimizer = make_optimizer(params, cfg, states)
+        loss = local_train(model, batches, optimizer, after_step=after_step)
+        ended = optimizer_states(optimizer, params) if states is not None else None
+        del optimizer
     seconds = time.perf_counter() - began
     release_freed_memory()  # the optimizer state, before the change is built
     initial = start() if start is not None else before
@@ -82,7 +103,8 @@ def train_change(
     delta = {n: initial.pop(n).neg_().add_(p.detach()) for n, p in trained.items()}
     for d in delta.values():
         data.injected.tamper(d)
-    return LocalChange(delta, loss, seconds)
+    carried = None if ended is None else dict(zip(trained, ended, strict=True))
+    return LocalChange(delta, loss, seconds, carried)
 
 
 def _step_in_backward(model: nn.Module, params: list[nn.Parameter], cfg: ClientsSection) -> bool:

@@ -10,7 +10,7 @@ in-process simulator and on real nodes (docs/methods.md states the whole contrac
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -194,3 +194,8 @@ class MethodSpec:
     server: Callable[[MethodContext], ServerSide]
     client: Callable[[MethodContext], ClientSide]
     summary: str = ""
+    client_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """``[clients]`` values this method trains with unless the user sets them (FedKSeed's
+    paper setting: lr 3e-7, τ 200, batch 1): the generic defaults (lr 1e-4, AdamW-sized
+    steps) would make a zeroth-order method diverge or crawl. Applied when a config is
+    loaded (:func:`fedbits.resolve.apply_client_defaults`); an explicit value always wins."""

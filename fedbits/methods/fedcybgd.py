@@ -3,11 +3,28 @@
 A block is one decoder layer; the embeddings, the head and the final norm are never
 trained. Each sampled client is assigned the next block of the cycle (``order``:
 ascending, descending or random — a fresh permutation per cycle), trains only that
-block and uploads only its change; the server overlays it on the global model. With
-m clients per round the cycle advances m blocks per round (the paper's one client
-at a time is ``clients.per_round = 1``). If two clients of a round hold the same
-block, the later slot wins (``agg = false``) or, in ``agg`` mode, two clients are
-assigned each block on purpose and their changes are averaged (sample-weighted).
+block and uploads only its change; the server overlays it on the global model.
+``agg_clients`` = n assigns n clients to each block on purpose and averages their
+changes (sample-weighted); the paper's ``agg`` is n = 2 (``agg = true`` is still read
+as that). With one client per block, if two clients of a round hold the same block
+the later slot wins.
+
+Schedules (``schedule``):
+
+* ``parallel`` (default): m clients a round train m / n blocks side by side, each
+  from the model as the round began, each with a fresh local optimizer (as every
+  other fedbits method): a round costs the same wall time as one client's.
+* ``cycle`` (the paper): the clients train one after another. A round is one step of
+  the cycle (``clients.per_round`` must equal ``agg_clients``): the k-th client (or
+  group of n) trains block k mod L from the weights the previous one left, and its
+  optimizer state travels with the block (:mod:`fedbits.methods._blocks.carry`): the
+  downlink carries the block's moments and step count, the uplink brings them back
+  updated, the server keeps them between clients and in its checkpoint. That costs
+  AdamW's two moments (2 x the block in float32) both ways once a block has been
+  trained, SGD with momentum one; the ledger counts them like any other byte. There is
+  no learning-rate schedule to carry: clients train at a constant ``clients.lr`` and
+  the step count is AdamW's whole position. A client that fails leaves its block's
+  weights and state as they were; the cycle moves on.
 
 Download (``download``):
 
@@ -21,16 +38,16 @@ Download (``download``):
   stay pretrained); its own block always comes down when it has been updated. No
   client state.
 
-Optimizer state does **not** travel with a block: each client starts a fresh local
-optimizer, as in every other fedbits method. Adam's two moments would triple the
-bytes of a block in both directions, and the reference code's travelling state comes
-from running all clients in one process.
+Whether optimizer state travels is the schedule's choice: ``parallel`` clients start
+fresh (Adam's moments would triple a block's bytes in both directions, and clients
+training side by side have no one state to continue), ``cycle`` clients continue it.
 
 Downlink body: universe fingerprint u64 | slot u32 | since u32 | block bitmask
 (ceil(L/8) bytes) | values of the sent blocks, concatenated (dtype u8, count u64, values)
+[| cycle: the trained block's optimizer state]
 Uplink body:   num_samples u32 | train_loss f32 | digest u64 of the block the client
-started from | the block's Δ (fingerprint u64 + ``wire_dtype`` tensor or ``uplink``
-chain payload)
+started from [| cycle: the block's optimizer state after training] | the block's Δ
+(fingerprint u64 + ``wire_dtype`` tensor or ``uplink`` chain payload)
 
 The digest proves the change applies to the weights the server holds, so the
 overlay w ← w + Δ is the client's trained block.
@@ -53,7 +70,7 @@ from torch import nn
 
 from fedbits.compress import Chain, parse_chain
 from fedbits.config import Config, DType
-from fedbits.errors import ClientError, WireError
+from fedbits.errors import ClientError, ConfigError, WireError
 from fedbits.frozen import copy_none, own
 from fedbits.methods._blocks import (
     BlockSchedule,
@@ -64,6 +81,7 @@ from fedbits.methods._blocks import (
     train_only,
     write_values,
 )
+from fedbits.methods._blocks.carry import BlockState, mean_state, moment_names, read_state
 from fedbits.methods._blocks.subset import Order
 from fedbits.methods._updates import (
     DeltaUpdate,
@@ -101,11 +119,17 @@ def block_key(block: int) -> str:
 
 class FedCyBGDOptions(MethodOptions):
     privacy_refusal: ClassVar[str | None] = (
-        "a block takes the change of the one client that trained it (or the pair's, with "
-        "method.agg), so the server releases a single client's update, not a mean over a "
+        "a block takes the change of the few clients that trained it (method.agg_clients), "
+        "so the server releases one client's or a handful's update, not a mean over a "
         "sampled cohort whose noise the accountant covers")
     order: Order = Field("ascending", description="order in which a cycle visits the blocks")
-    agg: bool = Field(False, description="two clients per block, their changes averaged")
+    schedule: Literal["parallel", "cycle"] = Field(
+        "parallel", description="parallel: a round's clients train different blocks side by "
+        "side, fresh optimizers; cycle (paper): one block per round, each from the last "
+        "client's weights, the optimizer state travelling with the block"
+    )
+    agg_clients: int = Field(1, ge=1, description="clients per block, their changes averaged")
+    agg: bool = Field(False, description="the paper's agg mode, the same as agg_clients = 2")
     download: Literal["changed", "fraction"] = Field(
         "changed", description="changed: blocks changed since the client's last sync (it keeps a "
         "copy); fraction: pretrained + a random fraction of the updated blocks (paper)"
@@ -118,13 +142,28 @@ class FedCyBGDOptions(MethodOptions):
         default_factory=list, description="codec chain for the block's change"
     )
 
+    @property
+    def per_block(self) -> int:
+        """Clients per block: ``agg_clients``, or 2 for the old ``agg = true``."""
+        return 2 if self.agg else self.agg_clients
+
     def check_config(self, cfg: Config) -> None:
         refuse_float16_adamw(cfg, "the model's decoder layers")
+        cohort = cfg.clients_per_round()
+        if self.schedule == "cycle" and cohort != self.per_block:
+            raise ConfigError(
+                f"method.schedule = 'cycle' trains one block per round, from the weights and "
+                f"optimizer state the last round left: clients.per_round must equal "
+                f"method.agg_clients ({self.per_block}), got {cohort} clients a round"
+            )
 
     @model_validator(mode="after")
     def _chain_is_valid(self) -> FedCyBGDOptions:
         if self.uplink and self.wire_dtype != "float32":
             raise ValueError("set the value format in method.uplink or method.wire_dtype, not both")
+        if self.agg and self.agg_clients not in (1, 2):
+            raise ValueError("method.agg = true is the old spelling of agg_clients = 2: set "
+                             f"only agg_clients (here {self.agg_clients})")
         parse_chain(self.uplink, field="method.uplink")
         return self
 
@@ -141,6 +180,7 @@ def block_digest(tensors: Iterable[torch.Tensor]) -> int:
 class BlockUpdate(DeltaUpdate):
     slot: int
     block: int
+    state: BlockState | None = None  # cycle: the block's optimizer state after training
 
 
 class _Structure:
@@ -154,7 +194,7 @@ class _Structure:
         names = [n for n, _ in model.named_parameters()]
         layers = decoder_layers(names, f"model {ctx.model_name!r}")
         schedule = BlockSchedule(len(layers), "client", opts.order, ctx.seed,
-                                 ctx.cohort, per_block=2 if opts.agg else 1)
+                                 ctx.cohort, per_block=opts.per_block)
         self.subset = Subset.build(names, [set(layer) for layer in layers], schedule)
         own(model, list(self.subset.universe), torch.float32)
         params = dict(model.named_parameters())
@@ -169,6 +209,8 @@ class _Structure:
         self.up: Chain | None = (
             parse_chain(opts.uplink, field="method.uplink") if opts.uplink else None
         )
+        self.cycle = opts.schedule == "cycle"
+        self.moments = moment_names(ctx.clients)  # what travels in cycle mode
 
     def flat(self, params: Mapping[str, torch.Tensor], blocks: list[int]) -> torch.Tensor:
         parts = [params[n].detach().reshape(-1) for b in blocks for n in self.subset.blocks[b]]
@@ -199,6 +241,7 @@ class FedCyBGDServer:
         self.cohort = Cohort()
         self.robust = RobustAggregator(ctx.robust, ctx.device)
         self._since: dict[int, int] = {}  # this round: the sync point each client was sent from
+        self.carry: dict[int, BlockState] = {}  # cycle: each trained block's optimizer state
 
     def downlink(self, round_: int, client: int) -> bytes:
         if self.cohort.round != round_:
@@ -215,6 +258,8 @@ class FedCyBGDServer:
         w = Writer().u64(self.s.universe.fingerprint).u32(slot).u32(since)
         w.raw(self.s.mask_bytes(send))
         w.tensor(self.s.flat(self.params, send))
+        if self.s.cycle:
+            self.carry.get(block, BlockState()).write(w, self.s.moments)
         return w.getvalue()
 
     def _sample(self, round_: int, client: int, block: int) -> list[int]:
@@ -236,6 +281,13 @@ class FedCyBGDServer:
         num_samples = r.u32("num_samples")
         train_loss = r.f32("train_loss")
         digest = r.u64("digest")
+        state = None
+        if self.s.cycle:
+            state = read_state(r, self.s.moments, self.s.layouts[block].numel)
+            sent, steps = self.carry.get(block, BlockState()).step, self.s.ctx.clients.local_steps
+            if state.step != sent + steps:
+                raise ClientError(f"{sender}: optimizer state after step {state.step}, but block "
+                                  f"{block} went down at step {sent} to train {steps} steps")
         delta = read_values(r, self.s.layouts[block], wire_dtype=self.s.wire_dtype, chain=self.s.up,
                             field="delta")
         r.finish()
@@ -245,7 +297,8 @@ class FedCyBGDServer:
                 f"{sender}: trained block {block} from weights that differ from the server's "
                 "(its copy is out of sync); it receives every changed block next time"
             )
-        update = BlockUpdate(client, num_samples, train_loss, dict(delta), slot=slot, block=block)
+        update = BlockUpdate(client, num_samples, train_loss, dict(delta), slot=slot, block=block,
+                             state=state)
         self.robust.admit(round_, update)
         return update
 
@@ -255,15 +308,19 @@ class FedCyBGDServer:
         by_block: dict[int, list[BlockUpdate]] = {}
         for u in sorted(blocks, key=lambda u: u.slot):
             by_block.setdefault(u.block, []).append(u)
-        # the last writer wins, unless agg combines the pair (as robust.aggregator says)
-        writers = [u for pair in by_block.values()
-                   for u in (pair if self.s.opts.agg else pair[-1:])]
+        # the last writer wins, unless agg_clients combines the group (as robust.aggregator
+        # says)
+        many = self.s.opts.per_block > 1
+        writers = [u for group in by_block.values() for u in (group if many else group[-1:])]
         outcome = self.robust.combine(round_, writers, self.params)
         for name, change in outcome.changes.items():
             self.params[name].add_(change.to(self.s.dtype))
         updated = sorted({b for b in by_block if self.s.subset.blocks[b][0] in outcome.changes})
         for block in updated:
             self.version[block] = round_
+            if self.s.cycle:  # the state goes on with the weights it trained
+                self.carry[block] = mean_state([(u.state, float(u.num_samples)) for u in writers
+                                                if u.block == block and u.state is not None])
         if self.s.opts.download == "changed":
             for u in blocks:  # its copy now holds every aggregate before this round
                 self.synced[u.client] = round_ - 1
@@ -278,6 +335,7 @@ class FedCyBGDServer:
             "version": torch.tensor(self.version, dtype=torch.int64),
             "synced": torch.tensor(sorted(self.synced.items()), dtype=torch.int64).reshape(-1, 2),
             "robust": self.robust.state_dict(),
+            "carry": {str(b): s.state_dict() for b, s in sorted(self.carry.items())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -285,6 +343,8 @@ class FedCyBGDServer:
         self.version = state["version"].tolist()
         self.synced = {int(c): int(s) for c, s in state["synced"].tolist()}
         self.robust.load_state_dict(state.get("robust", {}))
+        self.carry = {int(b): BlockState.from_state_dict(s)
+                      for b, s in state.get("carry", {}).items()}
 
     def save_final(self, path: Path) -> None:
         save_pretrained(self.model, path)
@@ -303,6 +363,7 @@ class FedCyBGDClient:
         self.s = _Structure(ctx, self.model)
         self.params = dict(self.model.named_parameters())
         self.changed: set[int] = set()  # blocks that differ from the pretrained model
+        self.received_state: BlockState | None = None  # cycle: what the last downlink held
 
     def update(
         self, round_: int, client: int, downlink: Body, data: ClientData, store: ClientStore
@@ -315,9 +376,16 @@ class FedCyBGDClient:
         trained = {n: params[n] for n in names}
         train_only(model, trained)
         digest = block_digest(trained.values())  # the block it starts from
-        change = train_change(model, trained, data, self.ctx.clients)
+        layout, start = self.s.layouts[block], self.received_state
+        carried = (start.per_param(layout, self.ctx.clients, next(iter(trained.values())).device)
+                   if start is not None else None)
+        change = train_change(model, trained, data, self.ctx.clients, optimizer_state=carried)
 
         w = Writer().u32(data.claimed_samples).f32(change.loss).u64(digest)
+        if start is not None and change.optimizer_state is not None:
+            step = start.step + self.ctx.clients.local_steps
+            BlockState.of_params(change.optimizer_state, layout, step,
+                                 self.s.moments).write(w, self.s.moments)
         gen = seeded_generator(data.seed, "uplink")
         write_values(w, self.s.layouts[block], change.delta, wire_dtype=self.s.wire_dtype,
                      chain=self.s.up, generator=gen)
@@ -342,6 +410,9 @@ class FedCyBGDClient:
         sent = set(self.s.read_mask(r))
         count = sum(self.s.layouts[b].numel for b in sent)
         values = r.tensor("weights", count=count, dtype=self.s.dtype)
+        block = self.s.subset.select(round_, slot)[0]
+        self.received_state = (read_state(r, self.s.moments, self.s.layouts[block].numel)
+                               if self.s.cycle else None)
         r.finish()
         keep = self.s.opts.download == "changed"
         if keep and since > 0:
@@ -356,7 +427,7 @@ class FedCyBGDClient:
         for b in sorted(self.changed):
             for name in self.s.subset.blocks[b]:
                 params[name].copy_(self.ctx.base_tensor(name))
-        self.changed = {self.s.subset.select(round_, slot)[0]}  # the block it will train
+        self.changed = {block}  # the block it will train
         offset = 0
         for b, layout in enumerate(self.s.layouts):
             if b in sent:

@@ -15,25 +15,44 @@ initialisation and moves only B (FFA-LoRA); ``downlink_base = "init"`` sends the
 top-k of the change since the seeded initial adapter instead of the weights, so the
 random LoRA A (which every client rebuilds for free) is not zeroed and the download
 is not spent on it (docs/compress.md measures both).
+
+``eval_masked`` (on by default, as in FLASC's paper) evaluates, and saves as the final
+model, the adapter a client downloads next round — sparsified by the download density —
+rather than the dense server adapter, which no client ever holds. ``density_tiers``
+gives clients different upload densities (FLASC's system-heterogeneity setting): client
+``c`` uploads at ``density_tiers[c % len(density_tiers)]``; the download stays one
+broadcast per round. FLASC's server weighs clients equally: set
+``robust.server_weighting = "uniform"`` for the paper's setting (docs/compress.md).
 """
 
 from __future__ import annotations
 
 import logging
 from functools import lru_cache, partial
-from typing import ClassVar
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from fedbits.compress import Chain, parse_chain
+from fedbits.compress.tensors import read_values
 from fedbits.frozen import copy_none
-from fedbits.methods._dense import ADAPTIVE_SERVER_LR, ChainPlan, DenseClient, DenseServer
-from fedbits.methods.base import MethodContext, MethodSpec
+from fedbits.methods._dense import (
+    ADAPTIVE_SERVER_LR,
+    ChainPlan,
+    DenseClient,
+    DenseServer,
+    Prepare,
+    trainable_tensors,
+)
+from fedbits.methods._updates import save_pretrained
+from fedbits.methods.base import ClientUpdate, MethodContext, MethodSpec
 from fedbits.methods.fedit import FedITOptions, add_lora
 from fedbits.methods.registry import register
 from fedbits.server_opt import ServerOptName
-from fedbits.wire import Direction
+from fedbits.wire import Direction, Reader
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +68,14 @@ class FlascOptions(FedITOptions):
     decay_every: int = Field(1, ge=1, description="... every this many rounds")
     client_freeze: bool = Field(False, description="train only the received positions")
     freeze_a: bool = Field(False, description="FFA-LoRA: LoRA A stays at its initialisation")
+    eval_masked: bool = Field(
+        True, description="evaluate (and save as final) the sparse adapter clients download, "
+        "not the dense server adapter (FLASC's paper setting)"
+    )
+    density_tiers: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=list, description="per-client upload densities in place of density_up: "
+        "client c uploads at density_tiers[c % len]; decays like density_up"
+    )
     # FLASC's settings where they differ from the other dense methods
     lora_dropout: float = Field(
         0.1, ge=0, lt=1, description="dropout on the LoRA path while training"
@@ -78,8 +105,25 @@ class FlascOptions(FedITOptions):
                 )
         return self
 
-    def density(self, round_: int, direction: Direction) -> float:
-        base = self.density_up if direction == Direction.UP else self.density_down
+    @model_validator(mode="after")
+    def _tiers_replace_density_up(self) -> FlascOptions:
+        if not self.density_tiers:
+            return self
+        if len(self.density_tiers) < 2:
+            raise ValueError("method.density_tiers needs two or more densities "
+                             "(one density for every client is method.density_up)")
+        if "density_up" in self.model_fields_set:
+            raise ValueError("set method.density_up or method.density_tiers, not both")
+        return self
+
+    def density(self, round_: int, direction: Direction, client: int = 0) -> float:
+        """The round's density; ``client`` picks the upload tier with ``density_tiers``."""
+        if direction == Direction.DOWN:
+            base = self.density_down
+        elif self.density_tiers:
+            base = self.density_tiers[client % len(self.density_tiers)]
+        else:
+            base = self.density_up
         return base * self.density_decay ** ((max(round_, 1) - 1) // self.decay_every)
 
 
@@ -92,7 +136,8 @@ def flasc_chains(opts: FlascOptions) -> ChainPlan:
         return parse_chain([f"topk:{density!r}", *extra],
                            field=f"method.{direction.name.lower()}link")
 
-    return lambda round_, direction: chain(opts.density(round_, direction), direction)
+    return lambda round_, direction, client: chain(
+        opts.density(round_, direction, client), direction)
 
 
 def prepare(model: nn.Module, opts: FlascOptions) -> nn.Module:
@@ -119,10 +164,62 @@ def warn_if_plain_averaging_drifts(opts: FlascOptions) -> None:
         )
 
 
+class FlascServer(DenseServer):
+    """The dense server, evaluating and saving the masked download with ``eval_masked``.
+
+    The evaluated adapter is what a client decodes from next round's downlink, bit for
+    bit: the same encoder, the same chain (top-k at next round's density, then the value
+    stages), decoded as the client decodes it, into a second adapter on the shared frozen
+    base. FLASC's reference code applies the mask chosen before the server step to the
+    weights after it, a model no client receives. The final directory holds the evaluated
+    model, so it reproduces the last reported metrics; the dense adapter (what training
+    continues from) is in the checkpoints."""
+
+    def __init__(self, ctx: MethodContext, prepare_: Prepare, chains: ChainPlan) -> None:
+        super().__init__(ctx, prepare_, chains, copied=copy_none)
+        self.prepare = prepare_
+        self.aggregated = 0  # the last round aggregated: evaluation shows the next download
+        self._masked: nn.Module | None = None  # built at the first evaluation
+
+    def _download_differs(self, round_: int) -> bool:
+        """Whether ``round_``'s download is not the dense adapter as it is: a density
+        below 1 (decay included) or value stages change it."""
+        opts: FlascOptions = self.ctx.options
+        return opts.density(round_, Direction.DOWN) < 1 or bool(opts.downlink)
+
+    def aggregate(self, round_: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        stats = super().aggregate(round_, updates)
+        self.aggregated = round_
+        return stats
+
+    @torch.no_grad()
+    def global_model(self) -> nn.Module:
+        round_ = self.aggregated + 1
+        if not (self.ctx.options.eval_masked and self._download_differs(round_)):
+            return self.model
+        if self._masked is None:
+            self._masked = self.prepare(self.ctx.build_model(copy_none))
+        r = Reader(self.encode_downlink(round_, 0), "evaluated downlink")
+        received = read_values(r, self.layout, wire_dtype=self.wire_dtype,
+                               chain=self.chains(round_, Direction.DOWN, 0), field="weights")
+        r.finish()
+        self.fill.receive(trainable_tensors(self._masked), received.tensors)
+        return self._masked
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "aggregated": self.aggregated}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.aggregated = int(state.get("aggregated", 0))
+
+    def save_final(self, path: Path) -> None:
+        save_pretrained(self.global_model(), path)
+
+
 def _server(ctx: MethodContext) -> DenseServer:
     warn_if_plain_averaging_drifts(ctx.options)
-    return DenseServer(ctx, partial(prepare, opts=ctx.options), flasc_chains(ctx.options),
-                       copied=copy_none)
+    return FlascServer(ctx, partial(prepare, opts=ctx.options), flasc_chains(ctx.options))
 
 
 def _client(ctx: MethodContext) -> DenseClient:

@@ -75,9 +75,12 @@ class ZeroOrderTrainer:
         lr: float,
         weight_decay: float = 0.0,
         distribution: Distribution = "gaussian",
+        loss_gap_clip: float | None = None,
     ) -> None:
         self.model = model
         self.eps, self.lr, self.weight_decay = eps, lr, weight_decay
+        # FedKSeed's grad_clip: a step whose |L+ - L-| exceeds it is skipped (reference)
+        self.loss_gap_clip = loss_gap_clip
         self.distribution = distribution
         self.params = dict(model.named_parameters())  # tied weights appear once
         self._name_of = {id(p): n for n, p in self.params.items()}
@@ -222,10 +225,16 @@ class ZeroOrderTrainer:
 
     # -- the step -------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, seed: int, batch: dict[str, torch.Tensor]) -> tuple[float, float, float | None]:
-        """One two-point step; returns (L₊, L₋, g), g None when the step was skipped.
+    def step(
+        self, seed: int, batch: dict[str, torch.Tensor], update: bool = True
+    ) -> tuple[float, float, float | None]:
+        """One two-point step; returns (L₊, L₋, g), g None when the step was skipped (a
+        non-finite loss, or a loss gap beyond ``loss_gap_clip``).
         The batch may be on the CPU (as :mod:`fedbits.data.batching` makes it): it moves
-        to the model's device here, the one place every caller passes through."""
+        to the model's device here, the one place every caller passes through.
+        ``update=False`` only estimates g at the current weights (every earlier update
+        paid, none owed): FedZO averages several directions' estimates at one point
+        before it moves, with :meth:`apply_step`."""
         device = model_device(self.model)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask",
                                                            "labels"))
@@ -252,21 +261,31 @@ class ZeroOrderTrainer:
         )
         if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
             return loss_plus, loss_minus, None
+        if self.loss_gap_clip is not None and abs(loss_plus - loss_minus) > self.loss_gap_clip:
+            return loss_plus, loss_minus, None
         g = (loss_plus - loss_minus) / (2 * self.eps)
         for name in list(self._owed):  # parameters this forward did not reach
             self._pay(name)
-        self._owed = {name: (seed, g) for name in self.params}
+        if update:
+            self._owed = {name: (seed, g) for name in self.params}
         return loss_plus, loss_minus, g
 
     @torch.no_grad()
-    def apply_step(self, seed: int, g: float) -> None:
+    def apply_step(self, seed: int, g: float, decay: bool = True) -> None:
         """Apply the update of a step with ``seed`` and scalar ``g`` now (after paying any
         owed update): the weights :meth:`step` then :meth:`finish` leave, given that g.
         The update depends only on (seed, g, lr, wd), never on the device, so this is
-        how the weights of runs whose losses (hence g) differ can still be compared."""
+        how the weights of runs whose losses (hence g) differ can still be compared.
+        ``decay=False`` leaves out the weight decay: a step made of several directions'
+        updates decays the weights once, not once per direction."""
         self.finish()
-        self._owed = {name: (seed, g) for name in self.params}
-        self.finish()
+        if decay:
+            self._owed = {name: (seed, g) for name in self.params}
+            self.finish()
+            return
+        for name, p in self.params.items():
+            kernels.update_(param_key(seed, name), 0, p.data.view(-1), self.lr, g, 0.0,
+                            self.distribution)
 
     def finish(self) -> None:
         """Pay every owed update: afterwards the model's weights are the trained ones."""

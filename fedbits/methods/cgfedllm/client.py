@@ -36,7 +36,7 @@ class CGFedLLMClient:
         self.segments = [p.numel() for p in self.dense.params.values()]
         self.initial = protocol.initial_stage(self.opts, ctx.seed)
 
-    def _chain(self, round_: int, direction: Direction) -> Chain | None:
+    def _chain(self, round_: int, direction: Direction, client: int) -> Chain | None:
         return self.down if direction == Direction.DOWN else self.current
 
     def update(self, round_: int, client: int, downlink: Body, data: ClientData,

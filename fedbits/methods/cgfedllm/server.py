@@ -67,7 +67,7 @@ class CGFedLLMServer:
             return self.boundary
         return self.opts.tgap_rounds(self.ctx.rounds)
 
-    def _chain(self, round_: int, direction: Direction) -> Chain | None:
+    def _chain(self, round_: int, direction: Direction, client: int) -> Chain | None:
         return self.down if direction == Direction.DOWN else self.current
 
     def _prepare(self, round_: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedbits.methods.base import MethodContext, MethodSpec
-from fedbits.methods.fedkseed.options import FedKSeedOptions, FedKSeedProOptions
+from fedbits.methods.fedkseed.options import PAPER_CLIENTS, FedKSeedOptions, FedKSeedProOptions
 from fedbits.methods.registry import register
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ register(
         server=_server,
         client=_client,
         summary="zeroth-order full-parameter tuning over K shared seeds (kilobytes per round)",
+        client_defaults=PAPER_CLIENTS,
     )
 )
 register(
@@ -49,5 +50,6 @@ register(
         server=lambda ctx: _server(ctx, pro=True),
         client=lambda ctx: _client(ctx, pro=True),
         summary="FedKSeed with seeds sampled by importance (probabilities sent down)",
+        client_defaults=PAPER_CLIENTS,
     )
 )

@@ -44,7 +44,8 @@ class FedKSeedClient:
         # nothing
         self.cache: Replay | None = None
         self.trainer = ZeroOrderTrainer(
-            self.model, self.opts.eps, cfg.lr, cfg.weight_decay, self.opts.distribution
+            self.model, self.opts.eps, cfg.lr, cfg.weight_decay, self.opts.distribution,
+            self.opts.grad_clip,
         )
 
     def _load_pool(self, store: ClientStore) -> np.ndarray:

@@ -11,6 +11,10 @@ from fedbits.errors import ConfigError
 from fedbits.methods.base import MethodOptions
 from fedbits.methods.fedkseed.wire import EntryFormat, ScalarDtype
 
+PAPER_CLIENTS: dict[str, float | int] = {"lr": 3e-7, "local_steps": 200, "batch_size": 1}
+"""The paper's client setting (η, τ, batch), FedKSeed's ``[clients]`` defaults: the
+generic lr 1e-4 is a first-order rate, far too large for a two-point estimate."""
+
 
 class FedKSeedOptions(MethodOptions):
     privacy_refusal: ClassVar[str | None] = (
@@ -40,6 +44,10 @@ class FedKSeedOptions(MethodOptions):
     max_scalar: float = Field(
         1e6, gt=0, description="a client with an uplink scalar beyond ± this is rejected: a "
         "sanity cap; robust.scalar_bound clips each scalar to what recent rounds saw")
+    grad_clip: float | None = Field(
+        None, gt=0, description="skip a step whose loss gap |L+ - L-| exceeds this (the "
+        "reference's --grad_clip, off by default there too): it sends no scalar, so replay "
+        "skips it too; None: off")
     max_views: int = Field(
         4096, ge=1, le=1 << 20, description="the server remembers the pool it last sent this "
         "many clients (K float64 each) to send them only what changed; a client it forgot "
@@ -47,6 +55,13 @@ class FedKSeedOptions(MethodOptions):
     )
 
     def check_config(self, cfg: Config) -> None:
+        if cfg.clients.weight_decay > 0:
+            raise ConfigError(
+                f"clients.weight_decay = {cfg.clients.weight_decay:g}: {cfg.method.name}'s "
+                "model is the base weights plus the seed pool's steps, which every node "
+                "replays exactly from the pool alone; decay is not a function of the pool, so "
+                "a client's decay would never reach the model (docs/fedkseed.md): set "
+                "clients.weight_decay = 0")
         if cfg.robust.aggregator != "mean":
             raise ConfigError(
                 f"robust.aggregator = {cfg.robust.aggregator!r} combines weight changes; "

@@ -59,9 +59,11 @@ class FedKSeedServer:
 
     # -- downlink -------------------------------------------------------------------
     def importance_levels(self) -> np.ndarray:
-        """Pro: a_j = mean |clip(H_j)|, min-max normalised, as 0..255 levels."""
-        a = np.divide(self.history_sum, self.history_count,
-                      out=np.zeros_like(self.history_sum), where=self.history_count > 0)
+        """Pro: a_j = mean |clip(H_j)|, min-max normalised, as 0..255 levels. As in the
+        reference, every history starts with one 0 (its ``--grad_initial``), so the mean
+        is over the seed's scalars and that 0: a seed drawn once weighs less than one
+        drawn often with the same |scalar|."""
+        a = self.history_sum / (self.history_count + 1)
         normalised = (a - a.min()) / (a.max() - a.min() + 1e-10)
         return np.rint(normalised * 255).astype(np.uint8)
 
