@@ -366,6 +366,7 @@ def markdown(out: dict[str, Any]) -> str:
             f"| {_ci(alpaca, 'rougeL', 1)} | {_ci(alpaca, 'loss', 3)} "
             f"| {_number(r, 'validation_loss', '.3f')} | {_number(r, 'seconds_per_round', '.1f')} "
             f"| {_number(r, 'client_peak_mb', ',.0f')} | {trial} |")
+    lines += [f"| {name} | failed: {why} |" + " |" * 10 for name, why in out["failed"].items()]
     lines += ["", f"Load average (1, 5, 15 min) at start: {_load(out['load_start'])}, at end: "
               f"{_load(out['load_end'])}; "
               f"{out['wall_minutes']:.1f} minutes in all."]
@@ -432,7 +433,7 @@ def main() -> None:
     out: dict[str, Any] = {"model": args.model, "seed": args.seed,
                            "setting": setting.__dict__, "num_clients": base["data"]["num_clients"],
                            "sweep": {n: trials(METHODS[n])[: setting.trials] for n in names},
-                           "load_start": os.getloadavg(), "methods": {}}
+                           "load_start": os.getloadavg(), "methods": {}, "failed": {}}
     began = time.perf_counter()
     cache: list[EvalSet] = []
 
@@ -444,8 +445,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out["methods"]["pretrained"] = pretrained_row(base, setting, tmp, sets_for)
         for name in names:
-            out["methods"][name] = measure_method(name, METHODS[name], base, setting, tmp,
-                                                  sets_for)
+            try:
+                out["methods"][name] = measure_method(name, METHODS[name], base, setting, tmp,
+                                                      sets_for)
+            except Exception as e:  # one method's failure must not cost the others' hour
+                logger.exception("%s failed", name)
+                out["failed"][name] = f"{type(e).__name__}: {e}"
     out["load_end"] = os.getloadavg()
     out["wall_minutes"] = (time.perf_counter() - began) / 60
     RESULTS.mkdir(parents=True, exist_ok=True)

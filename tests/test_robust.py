@@ -367,7 +367,7 @@ def client_0_attacks(monkeypatch):
             return result
         r = Reader(result.body, "test uplink")
         claim, loss = r.u32("num_samples"), r.f32("train_loss")
-        chain = self.chains(round_, Direction.UP)
+        chain = self.chains(round_, Direction.UP, client)
         delta = read_values(r, self.layout, wire_dtype=self.wire_dtype, chain=chain,
                             field="delta").tensors
         w = Writer().u32(attack.get("claim", claim)).f32(loss)
