@@ -52,7 +52,7 @@ from fedbits.eval import eval_loss, greedy_generate, rouge_l
 from fedbits.logs import configure
 from fedbits.resolve import apply_client_defaults, validate_references
 
-logger = logging.getLogger("bench.fidelity")
+logger = logging.getLogger("fedbits.bench.fidelity")  # shown by fedbits.logs.configure
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SHARED = REPO.parent / "shared" / "data"
@@ -337,6 +337,13 @@ def _number(row: dict[str, Any], key: str, spec: str) -> str:
     return "—" if value is None or not math.isfinite(value) else format(value, spec)
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
 def _load(load: Sequence[float]) -> str:
     return " ".join(f"{x:.2f}" for x in load)
 
@@ -351,7 +358,7 @@ def markdown(out: dict[str, Any]) -> str:
         f"loss; {s['examples']} fixed examples per held-out set, greedy, {s['max_new_tokens']} "
         "new tokens; [95 % bootstrap CI].",
         "",
-        "| method | up B/client/round | down B/client/round | total MB | T0 held-out Rouge-L "
+        "| method | up / client / round | down / client / round | total | T0 held-out Rouge-L "
         "| T0 held-out loss | Alpaca Rouge-L | Alpaca loss | validation loss | s/round "
         "| client peak MB | kept trial |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -361,8 +368,8 @@ def markdown(out: dict[str, Any]) -> str:
         trial = ("—" if "lr" not in r else
                  f"lr {r['lr']:g}" + (f", {r['server']['server_opt']}" if r["server"] else ""))
         lines.append(
-            f"| {name} | {r['up_per_client_round']:,.0f} | {r['down_per_client_round']:,.0f} "
-            f"| {r['total_bytes'] / 1e6:,.2f} | {_ci(t0, 'rougeL', 1)} | {_ci(t0, 'loss', 3)} "
+            f"| {name} | {_bytes(r['up_per_client_round'])} | {_bytes(r['down_per_client_round'])} "
+            f"| {_bytes(r['total_bytes'])} | {_ci(t0, 'rougeL', 1)} | {_ci(t0, 'loss', 3)} "
             f"| {_ci(alpaca, 'rougeL', 1)} | {_ci(alpaca, 'loss', 3)} "
             f"| {_number(r, 'validation_loss', '.3f')} | {_number(r, 'seconds_per_round', '.1f')} "
             f"| {_number(r, 'client_peak_mb', ',.0f')} | {trial} |")
@@ -414,7 +421,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", help="appended to the results' file names")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="write the .md and .png of an existing results file, run nothing")
     args = parser.parse_args()
+    if args.render:
+        out = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(out))
+        plot(out, args.render.with_suffix(".png"))
+        return
     if any(os.environ.get(k) != v for k, v in _EXACT_RSS.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_EXACT_RSS})
     configure()
