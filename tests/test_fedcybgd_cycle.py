@@ -180,6 +180,7 @@ def _offsets(numel: int) -> dict[str, int]:
                              r"down at step 0 to train 2 steps"),
     ("exp_avg", float("nan"), WireError, r"client 0 uplink: field optimizer.exp_avg: non-finite"),
     ("exp_avg_sq", -1.0, WireError, r"field optimizer.exp_avg_sq: a second moment is negative"),
+    ("exp_avg", 1e3, WireError, r"field optimizer.exp_avg: a first moment beyond 7.27"),
     ("truncate", None, WireError, r"client 0 uplink"),
 ])
 def test_hostile_optimizer_state_is_refused_and_the_run_goes_on(

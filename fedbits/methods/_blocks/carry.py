@@ -18,8 +18,11 @@ gradient, which zeros would not reproduce). The values are exact float32, never 
 lossy chain: a rounded second moment would change every later step.
 
 A received state is hostile input: :func:`read_state` checks the count and dtype of
-every tensor before allocating, that the values are finite and a second moment is
-not negative, and the caller checks the step against the one it expects.
+every tensor before allocating, that the values are finite, a second moment is not
+negative and each first moment within what AdamW can reach from its second moment
+(|m| ≤ 7.27·sqrt(v)), and the caller checks the step against the one it expects. An
+SGD momentum buffer has no such bound: its size is the gradients', so only the robust
+bound on the next client's change limits a hostile one.
 """
 
 from __future__ import annotations
@@ -105,7 +108,28 @@ def read_state(r: Reader, names: tuple[str, ...], numel: int) -> BlockState:
         if name == "exp_avg_sq" and (value < 0).any():
             raise WireError(f"{r.what}: field optimizer.{name}: a second moment is negative")
         moments[name] = value
+    if "exp_avg" in moments and "exp_avg_sq" in moments:
+        _check_adam_ratio(r, moments["exp_avg"], moments["exp_avg_sq"])
     return BlockState(step, moments)
+
+
+_ADAM_BETAS = (0.9, 0.999)  # torch's AdamW defaults, which fedbits.train uses
+_ADAM_RATIO = ((1 - _ADAM_BETAS[0]) / (1 - _ADAM_BETAS[1]) ** 0.5
+               / (1 - _ADAM_BETAS[0] ** 2 / _ADAM_BETAS[1]) ** 0.5)
+"""The largest |exp_avg| / sqrt(exp_avg_sq) any AdamW run from zero moments reaches
+(Cauchy-Schwarz on the two exponential sums: (1-β1)/sqrt(1-β2)/sqrt(1-β1²/β2) ≈ 7.27);
+a weighted mean of such states (``agg_clients``) stays within it by Jensen."""
+
+
+def _check_adam_ratio(r: Reader, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Refuse moments no AdamW run can produce. A first moment far above its second
+    moment's root would make the next client's every step huge (AdamW's step is
+    lr·m̂/(sqrt(v̂)+eps)), so a bound on the change alone would not hold the block.
+    The slack covers float32 rounding and gradients whose squares underflow."""
+    limit = exp_avg_sq.double().sqrt_().mul_(_ADAM_RATIO * 1.01).add_(1e-18)
+    if (exp_avg.double().abs() > limit).any():
+        raise WireError(f"{r.what}: field optimizer.exp_avg: a first moment beyond "
+                        f"{_ADAM_RATIO:.2f}·sqrt(second moment), which no AdamW run reaches")
 
 
 def mean_state(states: list[tuple[BlockState, float]]) -> BlockState:
