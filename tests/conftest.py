@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -66,3 +68,36 @@ def shared_data() -> Path:
 def tiny_overrides(tmp_path) -> list[str]:
     """Overrides that put a tiny run's outputs under tmp_path."""
     return [f"run.out_dir={tmp_path / 'runs'}"]
+
+
+def save_small_llama(path: Path, layers: int) -> str:
+    """A random Llama of ``layers`` decoder layers (width 32) with the byte tokenizer,
+    saved as a save_pretrained directory: block methods need more layers than tiny's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fedbits.models import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    config = LlamaConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=64, max_position_embeddings=256, vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def load_bench(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module (bench/ is no package), registered before it runs,
+    as its dataclasses need."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+

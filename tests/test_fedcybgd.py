@@ -10,18 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fedbits.errors import ClientError, WireError
 from fedbits.methods import ClientData, get_method
-from fedbits.models import build_byte_tokenizer
 from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
 from fedbits.wire import header_size
 
-from conftest import TINY, assert_same_final_and_ledger
+from conftest import TINY, assert_same_final_and_ledger, save_small_llama
 
 LAYERS = 6
 
@@ -32,19 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def six_layers(tmp_path_factory) -> str:
     """A random 6-layer Llama with the byte tokenizer, as a save_pretrained directory."""
-    tok = build_byte_tokenizer()
-    config = LlamaConfig(
-        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=64, max_position_embeddings=256, vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-    path = tmp_path_factory.mktemp("models") / "six-layer-llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_small_llama(tmp_path_factory.mktemp("models") / "six-layer-llama", LAYERS)
 
 
 def _overrides(out: Path, model: str, *extra: str) -> list[str]:

@@ -11,19 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fedbits.methods.fedcybgd as fedcybgd
 from fedbits.errors import ClientError, ConfigError, WireError
 from fedbits.methods import ClientData, get_method
-from fedbits.models import build_byte_tokenizer
 from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 from fedbits.runtime.setup import prepare_run
 from fedbits.runtime.store import ClientStores
 from fedbits.wire import header_size
 
-from conftest import TINY, assert_same_final_and_ledger
+from conftest import TINY, assert_same_final_and_ledger, save_small_llama
 
 LAYERS = 3
 STEPS = 2  # clients.local_steps
@@ -34,19 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def three_layers(tmp_path_factory) -> str:
     """A random 3-layer Llama with the byte tokenizer, as a save_pretrained directory."""
-    tok = build_byte_tokenizer()
-    config = LlamaConfig(
-        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=64, max_position_embeddings=256, vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-    path = tmp_path_factory.mktemp("models") / "three-layer-llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_small_llama(tmp_path_factory.mktemp("models") / "three-layer-llama", LAYERS)
 
 
 def _overrides(out: Path, model: str, *extra: str) -> list[str]:

@@ -9,10 +9,7 @@ regressions the fuzzer found, each on the payload that crashed it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import struct
-import sys
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -26,21 +23,9 @@ from fedbits.resolve import load_config
 from fedbits.runtime.setup import RunSetup
 from fedbits.wire import Reader, Writer
 
-from conftest import REPO, TINY
+from conftest import TINY, load_bench
 
-
-def _load_bench() -> ModuleType:
-    """bench/fuzz.py as a module (bench/ is no package); registered before it runs, as
-    its dataclasses need."""
-    spec = importlib.util.spec_from_file_location("bench_fuzz", REPO / "bench" / "fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_bench()
+fuzz = load_bench("fuzz")
 METHOD_N = 25  # per kind and layer: 150 payloads each way; an accepted downlink trains
 CHAIN_N = 100  # decoding a chain payload takes tens of microseconds
 

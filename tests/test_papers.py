@@ -5,36 +5,24 @@ shared data is here)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from fedbits.resolve import load_config
 
-from conftest import REPO
+from conftest import REPO, load_bench
 
 PAPERS = sorted((REPO / "examples" / "papers").glob("*.toml"))
 T0 = REPO.parent / "shared" / "data" / "t0"
 
 
-def _load_fidelity() -> ModuleType:
-    """bench/fidelity.py as a module (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location("bench_fidelity",
-                                                  REPO / "bench" / "fidelity.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-fidelity = _load_fidelity()
+fidelity = load_bench("fidelity")
 
 
 def test_there_is_a_paper_example_per_seed_paper():

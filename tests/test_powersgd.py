@@ -12,16 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fedbits.compress import ErrorFeedback, parse_chain
 from fedbits.compress.stages.powersgd import PowerSGDValues
 from fedbits.errors import ConfigError, WireError
-from fedbits.models import build_byte_tokenizer
 from fedbits.resolve import load_config
 from fedbits.runtime import run_experiment
 
-from conftest import TINY
+from conftest import TINY, save_small_llama
 
 FRAME = 7  # version, fingerprint, CRC (fedbits.compress.chain)
 
@@ -157,19 +155,7 @@ def test_composes_with_error_feedback():
 
 @pytest.fixture(scope="module")
 def two_layers(tmp_path_factory) -> str:
-    tok = build_byte_tokenizer()
-    config = LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-        intermediate_size=64, max_position_embeddings=256, vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config)
-    path = tmp_path_factory.mktemp("models") / "two-layer-llama"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_small_llama(tmp_path_factory.mktemp("models") / "two-layer-llama", 2)
 
 
 def _up_bytes(run_dir: Path) -> set[int]:
